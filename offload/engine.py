@@ -1,0 +1,392 @@
+"""offload.engine(): wraps an unmodified nn.Module and trains it across the compute device, the pinned
+CPU arena and NVMe, with the numbers plain PyTorch would give. Wiring only: the pieces live in groups
+(units), plan (placement), tiers (storage and transfers), stream (hooks), optim (AdamW), activations,
+checkpoint."""
+import math
+import os
+import warnings
+
+import torch
+
+from . import checkpoint
+from .activations import POLICIES
+from .errors import ConfigError
+from .groups import split_units
+from .optim import AdamW, UnitOptimizer, Worker, finite, warn_nonfinite
+from .plan import plan_placement
+from .profiler import Profiler
+from .sizes import parse_size
+from .stream import Streamer
+from .tiers import Tiers
+
+
+def engine(model, *, optimizer=None, device=None, dtype=None, gpu_memory=None, cpu_memory=None, nvme=None,
+           grad_accum=1, clip_grad_norm=None, activations="auto", trace=None):
+    """Wraps `model` for training. See DESIGN.md "The user's view"; every argument is checked before any
+    work starts."""
+    return Engine(model, optimizer=optimizer, device=device, dtype=dtype, gpu_memory=gpu_memory,
+                  cpu_memory=cpu_memory, nvme=nvme, grad_accum=grad_accum, clip_grad_norm=clip_grad_norm,
+                  activations=activations, trace=trace)
+
+
+def _resolve_device(device):
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device={device!r}: {e}; use 'cuda', 'cuda:N' or 'cpu'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={device!r} but no CUDA device is available; use device='cpu'")
+        dev = torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
+    elif dev.type != "cpu":
+        raise ConfigError(f"device={device!r}: only 'cuda', 'cuda:N' and 'cpu' are supported")
+    return dev
+
+
+def _check_nvme(nvme):
+    if nvme is None:
+        return None
+    paths = [nvme] if isinstance(nvme, (str, os.PathLike)) else list(nvme)
+    if not paths:
+        return None
+    out = []
+    for p in paths:
+        p = os.path.abspath(os.path.expanduser(os.fspath(p)))
+        if not os.path.isdir(p):
+            raise ConfigError(f"nvme path {p} does not exist or is not a directory; create it or pass another path")
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise ConfigError(f"nvme path {p} is not writable by this user; pass a writable directory")
+        out.append(p)
+    return out
+
+
+def _default_budgets(device, gpu_memory, cpu_memory):
+    import psutil
+    if cpu_memory is None:
+        cpu_memory = int(psutil.virtual_memory().available * 0.8)
+    if gpu_memory is None and device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        gpu_memory = int(free * 0.9)
+    return gpu_memory, cpu_memory
+
+
+class Engine:
+    """The trainer returned by offload.engine(). Use it like the module for forward, then backward(loss)
+    and step(); save()/load() checkpoint every tier; close() (or `with`) removes swap files."""
+
+    def __init__(self, model, *, optimizer, device, dtype, gpu_memory, cpu_memory, nvme, grad_accum,
+                 clip_grad_norm, activations, trace):
+        if not isinstance(model, torch.nn.Module):
+            raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(grad_accum, int) or isinstance(grad_accum, bool) or grad_accum < 1:
+            raise ConfigError(f"grad_accum={grad_accum!r}: must be an integer >= 1")
+        if clip_grad_norm is not None and not (isinstance(clip_grad_norm, (int, float)) and clip_grad_norm > 0):
+            raise ConfigError(f"clip_grad_norm={clip_grad_norm!r}: must be a positive number or None")
+        if isinstance(activations, float):
+            raise ConfigError(f"activations={activations}: the token-wise split is not available in this build; "
+                              f"use one of {POLICIES}")
+        if activations not in POLICIES:
+            raise ConfigError(f"activations={activations!r}: use one of {POLICIES} or a float in (0, 1)")
+        optimizer = optimizer if optimizer is not None else AdamW()
+        if not isinstance(optimizer, AdamW):
+            raise ConfigError("optimizer must be an offload.AdamW (the engine owns parameters and optimizer states)")
+        self.device = _resolve_device(device)
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        if self.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ConfigError(f"dtype={self.dtype}: use torch.float32, torch.bfloat16 or torch.float16")
+        metas = [n for n, p in model.named_parameters() if p.is_meta]
+        if metas:
+            raise ConfigError(f"parameters on the meta device ({', '.join(metas[:3])}{'...' if len(metas) > 3 else ''}): "
+                              f"materialise the model first or load it with offload's Hugging Face loader")
+        gpu_b, cpu_b = _default_budgets(self.device, parse_size(gpu_memory, "gpu_memory"),
+                                        parse_size(cpu_memory, "cpu_memory"))
+        nvme_paths = _check_nvme(nvme)
+
+        self.module = model
+        self.optimizer = optimizer
+        self.grad_accum = grad_accum
+        self.clip_grad_norm = clip_grad_norm
+        self.mode = "deferred" if clip_grad_norm is not None else "eager"   # Note [update modes] in optim.py
+        self.units = split_units(model)
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        self.plan = plan_placement(self.units, itemsize=itemsize, device=str(self.device), gpu_budget=gpu_b,
+                                   cpu_budget=cpu_b, nvme=nvme_paths, grad_accum=grad_accum,
+                                   activations=activations)
+        self.plan.budgets["nvme"] = None
+        if nvme_paths and self.plan.bytes["nvme"]:
+            self._check_disk_space(nvme_paths)
+        self.profiler = Profiler(trace) if trace else None
+        self.tiers = Tiers(self.units, self.plan, device=self.device, dtype=self.dtype, nvme=nvme_paths,
+                           trace=self.profiler.ring if self.profiler else None)
+        self._closed = False
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_disk_space(self, paths):
+        need = self.plan.bytes["nvme"]
+        free = min(os.statvfs(p).f_bavail * os.statvfs(p).f_frsize for p in paths) * len(paths)
+        if free < need * 1.02:
+            from .errors import BudgetError
+            raise BudgetError(f"nvme {', '.join(paths)}: {free / 2**30:.2f} GiB free, the plan puts "
+                              f"{need / 2**30:.2f} GiB there; free disk space or raise cpu_memory")
+
+    def _setup(self):
+        self.tiers.allocate(self.grad_accum)
+        for u in self.units:
+            values = torch.zeros(u.numel, dtype=torch.float32)
+            with torch.no_grad():
+                for s in u.slots:
+                    values[s.offset:s.offset + s.numel].copy_(s.param.detach().reshape(-1))
+            self.tiers.load_initial(u, values)
+            self.tiers.bind_params(u)
+        for mod in self.module.modules():   # buffers (rotary tables, position ids) live on the compute device
+            for name, b in list(mod._buffers.items()):
+                if b is not None and b.device != self.device:
+                    mod._buffers[name] = b.to(self.device)
+        self.optimizer.param_groups[0]["params"] = [s.param for u in self.units for s in u.slots if s.trainable]
+        self.unit_opt = UnitOptimizer(self.tiers)
+        self.worker = Worker()
+        self.streamer = Streamer(self.units, self.tiers, self.plan, self._on_unit_grads, self.profiler)
+        self.streamer.install()
+        self.micro = 0
+        self.steps_applied = 0
+        self.steps_skipped = 0
+        self._awaiting_step = False
+        self._poisoned = False
+        self._final = True
+        self._found_inf = torch.zeros((), dtype=torch.bool, device=self.device)
+
+    # ---- the training loop ----------------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        if self._awaiting_step:
+            raise RuntimeError("engine.step() must be called after the last engine.backward() of an "
+                               "accumulation window, before the next forward")
+        dev = self.device
+        args, kwargs = torch.utils._pytree.tree_map(
+            lambda x: x.to(dev, non_blocking=True) if isinstance(x, torch.Tensor) and x.device != dev else x,
+            (args, kwargs))
+        self.streamer.begin_forward()
+        try:
+            return self.module(*args, **kwargs)
+        finally:
+            self.streamer.end_forward()
+
+    forward = __call__
+
+    def backward(self, loss):
+        """Backpropagates loss / grad_accum (the mean over the accumulation window, as DeepSpeed and
+        accelerate do)."""
+        self.micro += 1
+        self._final = self.micro % self.grad_accum == 0
+        if self.grad_accum > 1:
+            loss = loss / self.grad_accum
+        self.streamer.begin_backward()
+        loss.backward()
+        if self.streamer.phase != "idle":   # no hook fired (nothing required grad): finish by hand
+            self.streamer.end_backward()
+        self.worker.raise_error()
+        if self._final:
+            self._awaiting_step = True
+
+    def _on_unit_grads(self, u):
+        """Gradients of u are complete for this micro-batch: flatten, copy to the host, queue the optimizer."""
+        st, tiers = u.st, self.tiers
+        first = (self.micro - 1) % self.grad_accum == 0
+        final = self._final
+        trainable = [s for s in u.slots if s.trainable]
+        views, grads = [], []
+        target = st.dgrad if u.plan.states_home == "gpu" else None
+        if target is None:
+            st.grad_free.wait()        # the optimizer has consumed the previous gradients of this unit
+            st.grad_free.clear()
+            if tiers.cuda:
+                target = torch.zeros(u.numel_train, dtype=self.dtype, device=self.device)
+            else:
+                target = st.grad
+                target.zero_()
+        elif first:
+            target.zero_()
+        for i, s in enumerate(trainable):
+            g = s.param.grad
+            if g is not None:
+                st.has_grad[i] = True
+                views.append(target[s.offset:s.offset + s.numel].view(s.shape))
+                grads.append(g)
+                s.param.grad = None
+        with torch.no_grad():
+            if grads:
+                if u.plan.states_home == "gpu":
+                    torch._foreach_add_(views, grads)
+                else:
+                    torch._foreach_copy_(views, grads)
+                self._found_inf.logical_or_(~torch.isfinite(target).all())
+        if u.plan.states_home == "gpu":
+            return
+        ev = None
+        if tiers.cuda:
+            st.compute_done = torch.cuda.Event()
+            st.compute_done.record()
+            tiers.d2h.wait_event(st.compute_done)
+            with torch.cuda.stream(tiers.d2h):
+                st.grad.copy_(target, non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(tiers.d2h)
+            target.record_stream(tiers.d2h)
+        if final:
+            st.updated.clear()
+        hyper = self.optimizer.hyper()
+        self.worker.submit(lambda: self._land(u, ev, first, final, hyper))
+
+    def _land(self, u, ev, first, final, hyper):
+        """Worker thread: gradients of u have (or will have, after ev) landed in its host buffer."""
+        st = u.st
+        if ev is not None:
+            ev.synchronize()
+        g = st.grad
+        if self.grad_accum > 1:
+            if first:
+                st.acc.copy_(g)
+            else:
+                st.acc.add_(g)
+            g = st.acc
+            st.grad_free.set()
+        if not final:
+            return
+        from .adam import grad_sumsq
+        st.sumsq = grad_sumsq(g)
+        if self.mode == "deferred":
+            return
+        if self._poisoned or not finite(st.sumsq):
+            if not self._poisoned:
+                warn_nonfinite(u.name, self.steps_skipped + 1)
+            self._poisoned = True
+            self._finish_unit(u)
+            return
+        self.unit_opt.update_host(u, g, hyper, 1.0)
+        self._finish_unit(u)
+
+    def _finish_unit(self, u):
+        st = u.st
+        st.has_grad = [False] * len(st.has_grad)
+        st.grad_free.set()
+        st.updated.set()
+
+    def step(self):
+        """Applies the update when the accumulation window closes (returns True then; False inside a window
+        or when a non-finite gradient skipped the step)."""
+        if not self._awaiting_step:
+            return False
+        self._awaiting_step = False
+        found_inf = bool(self._found_inf.item())
+        self._found_inf.zero_()
+        hyper = self.optimizer.hyper()
+        host = [u for u in self.units if u.trainable and u.plan.states_home != "gpu"]
+        dev = [u for u in self.units if u.trainable and u.plan.states_home == "gpu"]
+        if self.mode == "deferred":
+            self.worker.sync()
+            total = sum(u.st.sumsq for u in host)
+            total += sum(float(u.st.dgrad.double().pow(2).sum()) for u in dev)
+            if found_inf or not finite(total):
+                first_bad = next((u.name for u in host if not finite(u.st.sumsq)), dev[0].name if dev else "?")
+                self.steps_skipped += 1
+                warn_nonfinite(first_bad, self.steps_skipped)
+                for u in host + dev:
+                    self._finish_unit(u)
+                return False
+            scale = 1.0
+            if self.clip_grad_norm is not None:
+                scale = min(1.0, self.clip_grad_norm / (math.sqrt(total) + 1e-6))
+            for u in dev:
+                self.unit_opt.update_device(u, hyper, scale)
+                self._finish_unit(u)
+            for u in host:     # forward order: the next forward waits for each unit's own update only
+                g = u.st.acc if self.grad_accum > 1 else u.st.grad
+                self.worker.submit(lambda u=u, g=g: (self.unit_opt.update_host(u, g, hyper, scale),
+                                                     self._finish_unit(u)))
+            self.steps_applied += 1
+            return True
+        # eager: host units were updated as their gradients landed (Note [update modes]).
+        if found_inf:
+            self.steps_skipped += 1
+            for u in dev:
+                self._finish_unit(u)
+            self.worker.submit(lambda: setattr(self, "_poisoned", False))
+            if not host:
+                warn_nonfinite(dev[0].name if dev else "?", self.steps_skipped)
+            return False
+        for u in dev:
+            self.unit_opt.update_device(u, hyper, 1.0)
+            self._finish_unit(u)
+        self.steps_applied += 1
+        return True
+
+    def zero_grad(self, set_to_none=True):
+        """Gradients are consumed by each update; kept for drop-in loops."""
+
+    # ---- state ---------------------------------------------------------------------------------------------------
+    def sync(self):
+        """Waits for every queued update and transfer."""
+        self.worker.sync()
+        if self.tiers.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def state_dict(self):
+        """Full-precision weights (fp32 masters; frozen params upcast) as CPU tensors under the model's keys."""
+        self.sync()
+        values = {}
+        for u in self.units:
+            compute, master, _, _ = self.tiers.read_unit(u)
+            for s in u.slots:
+                src = master if s.trainable else compute
+                values[s.param] = src[s.offset:s.offset + s.numel].float().view(s.shape).clone()
+        out = {}
+        for k, v in self.module.state_dict(keep_vars=True).items():
+            out[k] = values[v] if v in values else v.detach().cpu().clone()
+        return out
+
+    def save(self, directory):
+        checkpoint.save(self, directory)
+
+    def load(self, directory):
+        checkpoint.load(self, directory)
+
+    def save_pretrained(self, directory, **kwargs):
+        checkpoint.save_pretrained(self, directory, **kwargs)
+
+    def close(self):
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        try:
+            if hasattr(self, "worker"):
+                try:
+                    self.worker.sync()
+                finally:
+                    self.worker.close()
+            if hasattr(self, "streamer"):
+                self.streamer.remove()
+            if self.profiler is not None:
+                self.profiler.close()
+        finally:
+            self.tiers.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self):
+        return f"offload.Engine({type(self.module).__name__}, device={self.device}, dtype={self.dtype})\n{self.plan}"

@@ -1,0 +1,210 @@
+"""The optimizer: offload.AdamW (torch.optim.AdamW's arguments and defaults) and the runner that applies
+it per unit, on a worker thread for CPU and NVMe states, overlapped with the GPU.
+
+Note [update modes]: without clipping ("eager") a unit is updated as soon as its gradients land, inside
+backward, so the CPU AdamW hides under the rest of backward and the next forward. With clip_grad_norm the
+global norm is known only after backward ("deferred"): step() computes it from the per-unit sums of
+squares and then queues the updates in forward order; each unit's forward waits for its own update. In
+both modes a unit with a non-finite gradient is never updated (its moments stay clean). Deferred mode
+skips the whole step atomically; eager mode can only skip the units that had not been updated yet when
+the non-finite gradient appeared (it warns and step() returns False): pass clip_grad_norm=float("inf")
+for the all-or-nothing skip without clipping.
+"""
+import math
+import queue
+import threading
+import warnings
+
+import torch
+
+from .adam import adamw_, grad_sumsq
+from .errors import ConfigError
+from .store import as_buffer
+
+
+class AdamW:
+    """torch.optim.AdamW's hyperparameters for offload.engine (the engine owns the parameters).
+
+    Exposes `param_groups` (one group) and `state_dict()`, so torch.optim.lr_scheduler works on it;
+    the learning rate in param_groups[0]["lr"] is read at every update.
+    """
+
+    def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None):
+        if amsgrad or maximize or differentiable:
+            raise ConfigError("offload.AdamW does not support amsgrad, maximize or differentiable; "
+                              "drop those arguments")
+        if not 0.0 <= lr:
+            raise ConfigError(f"AdamW lr={lr}: must be >= 0")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ConfigError(f"AdamW betas={betas}: each must be in [0, 1)")
+        if not 0.0 <= eps:
+            raise ConfigError(f"AdamW eps={eps}: must be >= 0")
+        self.defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        self.param_groups = [dict(self.defaults, params=[], initial_lr=lr)]
+        self.param_groups[0].pop("initial_lr")
+        self.state = {}
+
+    def hyper(self):
+        g = self.param_groups[0]
+        return (float(g["lr"]), tuple(g["betas"]), float(g["eps"]), float(g["weight_decay"]))
+
+    def state_dict(self):
+        return {"param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]}
+
+    def load_state_dict(self, sd):
+        for g, s in zip(self.param_groups, sd["param_groups"]):
+            g.update({k: (tuple(v) if k == "betas" else v) for k, v in s.items()})
+
+    def zero_grad(self, set_to_none=True):
+        """Gradients live in the engine's buffers and are consumed by each update: nothing to do."""
+
+    def __repr__(self):
+        return f"offload.AdamW({self.defaults})"
+
+
+class Worker:
+    """One thread that runs queued closures in order; an exception is kept and re-raised in the caller's
+    thread at the next sync() or submit(), never lost. The heavy calls it makes (native AdamW, store waits,
+    CUDA event syncs) release the GIL."""
+
+    def __init__(self, name="offload-optim"):
+        self.q = queue.Queue()
+        self.error = None
+        self.pending = 0
+        self.cv = threading.Condition()
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        while True:
+            fn = self.q.get()
+            if fn is None:
+                return
+            try:
+                if self.error is None:
+                    fn()
+            except BaseException as e:  # surfaced in the caller's thread
+                self.error = e
+            finally:
+                with self.cv:
+                    self.pending -= 1
+                    self.cv.notify_all()
+
+    def submit(self, fn):
+        self.raise_error()
+        with self.cv:
+            self.pending += 1
+        self.q.put(fn)
+
+    def sync(self):
+        with self.cv:
+            self.cv.wait_for(lambda: self.pending == 0)
+        self.raise_error()
+
+    def raise_error(self):
+        if self.error is not None:
+            e, self.error = self.error, None
+            raise e
+
+    def close(self):
+        if self.thread.is_alive():
+            self.q.put(None)
+            self.thread.join()
+
+
+class UnitOptimizer:
+    """Applies AdamW to one unit wherever its states live. Stateless apart from the per-parameter step
+    counts kept on the unit (torch.optim.AdamW counts steps per parameter, and skips parameters that got
+    no gradient: so do we)."""
+
+    def __init__(self, tiers):
+        self.tiers = tiers
+
+    def _segments(self, u):
+        """[(offset, numel, step)] to update: one segment for the whole prefix when every trainable param
+        got a gradient and all step counts agree (the common case), else one per updated param."""
+        st = u.st
+        trainable = [s for s in u.slots if s.trainable]
+        for i, h in enumerate(st.has_grad):
+            if h:
+                st.steps[i] += 1
+        if all(st.has_grad) and len(set(st.steps)) == 1:
+            return [(0, u.numel_train, st.steps[0])]
+        return [(s.offset, s.numel, st.steps[i]) for i, s in enumerate(trainable) if st.has_grad[i]]
+
+    def update_host(self, u, grad, hyper, scale):
+        """CPU AdamW for a unit whose states are in the arena or on NVMe (runs on the worker thread)."""
+        t, st, p = self.tiers, u.st, u.plan
+        lr, betas, eps, wd = hyper
+        slot = None
+        if p.states_home == "nvme":
+            slot, master, m, v = t.read_states(u)
+        else:
+            master, m, v = st.master, st.exp_avg, st.exp_avg_sq
+        if p.params_home == "cpu":
+            out = st.home
+        elif p.params_home == "gpu":
+            out = st.out
+        else:
+            out_slot = t.param_slots.acquire()   # keep the whole slot: it goes back to the ring as it came
+            out = out_slot[:u.numel * t.itemsize].view(t.dtype)
+        for off, n, step in self._segments(u):
+            sl = slice(off, off + n)
+            adamw_(master[sl], grad[sl], m[sl], v[sl], lr=lr, betas=betas, eps=eps, weight_decay=wd,
+                   step=step, out=out[sl], grad_scale=scale)
+        if slot is not None:
+            t.write_states(u, master, m, v, slot=slot)
+        if p.params_home == "gpu":
+            with torch.cuda.stream(t.h2d) if t.cuda else _null():
+                if t.cuda:
+                    t.h2d.wait_event(st.compute_done)
+                    st.flat[:u.numel_train].copy_(out, non_blocking=True)
+                    ev = torch.cuda.Event()
+                    ev.record(t.h2d)
+                    st.update_event = ev
+                else:
+                    st.flat[:u.numel_train].copy_(out)
+        elif p.params_home == "nvme":
+            ticket = t.store.submit_write(st.home_obj, 0, as_buffer(out_slot[:u.numel_train * t.itemsize]))
+            t.store.wait(ticket)   # the next forward reads this object: the write must be complete first
+            t.param_slots.release(out_slot)
+
+    def update_device(self, u, hyper, scale):
+        """AdamW on the compute device (device-tier states), in the caller's stream."""
+        st = u.st
+        lr, betas, eps, wd = hyper
+        g = st.dgrad
+        if scale != 1.0:
+            g.mul_(scale)
+        for off, n, step in self._segments(u):
+            sl = slice(off, off + n)
+            if st.master.device.type == "cpu":
+                adamw_(st.master[sl], g[sl], st.exp_avg[sl], st.exp_avg_sq[sl], lr=lr, betas=betas, eps=eps,
+                       weight_decay=wd, step=step, out=None)
+            else:
+                torch._fused_adamw_([st.master[sl]], [g[sl]], [st.exp_avg[sl]], [st.exp_avg_sq[sl]], [],
+                                    [torch.tensor(float(step), device=g.device)], lr=lr, beta1=betas[0],
+                                    beta2=betas[1], weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
+        st.flat[:u.numel_train].copy_(st.master)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def finite(x):
+    return not (math.isnan(x) or math.isinf(x))
+
+
+def warn_nonfinite(unit_name, skipped_total):
+    warnings.warn(f"non-finite gradient in unit {unit_name}: optimizer step skipped "
+                  f"({skipped_total} skipped so far)", RuntimeWarning, stacklevel=3)
+
+
+def host_sumsq(grad):
+    return grad_sumsq(grad)

@@ -1,0 +1,315 @@
+"""Storage of every unit on its tiers, and the byte movements between them.
+
+Per unit (plan.UnitPlan says where):
+- flat: the compute-dtype parameters on the compute device. The module's parameters are views of it, set
+  once at setup; a streamed unit frees it by resizing its storage to 0 and refills the same storage on the
+  next fetch, so the views (and whatever autograd saved from them) stay valid. See Note [storage resize].
+- home: the compute-dtype parameters' resting copy when not resident: an arena tensor or an NVMe object.
+- master / exp_avg / exp_avg_sq: fp32 over the trainable prefix, on the device (tier "gpu"), in the arena,
+  or one NVMe object laid out [master | m | v].
+- grad: where gradients land on the host (compute dtype), acc: an fp32 accumulator when grad_accum > 1,
+  out: the CPU AdamW's output for device-resident params (copied to the device after the update).
+
+Note [storage resize]: this is FSDP's flat-parameter technique. Allocation of a streamed flat happens on
+the host->device stream; before the storage is freed it is recorded on the compute stream, so the caching
+allocator cannot hand the block out again while compute kernels that read it are still queued.
+"""
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from .arena import HostArena
+from .groups import UnitState
+from .store import as_buffer, open_store
+
+
+@dataclass(eq=False)
+class UnitStorage:
+    flat: torch.Tensor = None
+    home: torch.Tensor = None
+    home_obj: int = None
+    master: torch.Tensor = None
+    exp_avg: torch.Tensor = None
+    exp_avg_sq: torch.Tensor = None
+    states_obj: int = None
+    grad: torch.Tensor = None
+    acc: torch.Tensor = None
+    out: torch.Tensor = None
+    dgrad: torch.Tensor = None          # device fp32 gradient (device-tier optimizer)
+    ready_event: object = None          # host->device copy of flat done
+    disk_ticket: int = None             # NVMe read of the params in flight
+    disk_slot: object = None
+    states_write: int = None            # NVMe write of the states in flight
+    params_write: int = None
+    update_event: object = None         # device copy of the CPU AdamW output done
+    grad_event: object = None           # device->host gradient copy done
+    compute_done: object = None         # compute stream passed the unit's backward
+    updated: threading.Event = field(default_factory=lambda: _set_event())     # no optimizer update pending
+    grad_free: threading.Event = field(default_factory=lambda: _set_event())   # host gradient buffer consumed
+    steps: list = None                  # AdamW step count per trainable parameter
+    has_grad: list = None               # which trainable params got a gradient in this window
+    sumsq: float = 0.0
+
+
+def _set_event():
+    e = threading.Event()
+    e.set()
+    return e
+
+
+class SlotRing:
+    """Fixed host staging buffers for NVMe traffic. A slot is handed back with the I/O ticket or CUDA
+    event that still uses it; reuse waits for that (back-pressure, never an error)."""
+
+    def __init__(self, arena, count, nbytes, store):
+        self.store = store
+        self.free = deque(arena.tensor(nbytes, torch.uint8) for _ in range(count)) if count and nbytes else deque()
+        self.busy = deque()   # (slot, ticket or None, event or None)
+        self.lock = threading.Lock()
+
+    def acquire(self):
+        with self.lock:
+            if self.free:
+                return self.free.popleft()
+            slot, ticket, event = self.busy.popleft()
+        if ticket is not None:
+            self.store.wait(ticket)
+        if event is not None:
+            event.synchronize()
+        return slot
+
+    def release(self, slot, ticket=None, event=None):
+        with self.lock:
+            if ticket is None and event is None:
+                self.free.append(slot)
+            else:
+                self.busy.append((slot, ticket, event))
+
+
+class Tiers:
+    def __init__(self, units, plan, *, device, dtype, nvme, trace=None):
+        self.units, self.plan, self.device, self.dtype = units, plan, device, dtype
+        self.itemsize = torch.empty((), dtype=dtype).element_size()
+        self.cuda = device.type == "cuda"
+        self.h2d = torch.cuda.Stream(device) if self.cuda else None
+        self.d2h = torch.cuda.Stream(device) if self.cuda else None
+        arena_bytes = plan.arena_bytes
+        self.arena = HostArena(max(arena_bytes, 4096), pin=self.cuda) if arena_bytes else None
+        uses_disk = any(p.params_home == "nvme" or p.states_home == "nvme" for p in plan.units)
+        self.store = open_store(nvme, queue_depth=32, trace=trace) if uses_disk else None
+        max_state = max((u.numel_train * 12 for u, p in zip(units, plan.units) if p.states_home == "nvme"), default=0)
+        max_param = max((u.numel * self.itemsize for u, p in zip(units, plan.units) if p.params_home == "nvme"),
+                        default=0)
+        self.state_slots = SlotRing(self.arena, plan.state_slots if max_state else 0, max_state, self.store)
+        self.param_slots = SlotRing(self.arena, plan.param_slots if max_param else 0, max_param, self.store)
+        self.grad_accum = 1
+        for u, p in zip(units, plan.units):
+            u.st = UnitStorage()
+            u.plan = p
+
+    # ---- setup ---------------------------------------------------------------------------------------
+    def allocate(self, grad_accum):
+        self.grad_accum = grad_accum
+        for u in self.units:
+            self._allocate_unit(u)
+
+    def _host(self, numel, dtype):
+        return self.arena.tensor(numel, dtype)
+
+    def _allocate_unit(self, u):
+        st, p, dev = u.st, u.plan, self.device
+        st.flat = torch.zeros(u.numel, dtype=self.dtype, device=dev)
+        if p.params_home == "cpu":
+            st.home = self._host(u.numel, self.dtype)
+        elif p.params_home == "nvme":
+            st.home_obj = self.store.create(u.numel * self.itemsize)
+        n = u.numel_train
+        if n:
+            st.steps = [0] * sum(1 for s in u.slots if s.trainable)
+            st.has_grad = [False] * len(st.steps)
+            if p.states_home == "gpu":
+                st.master, st.exp_avg, st.exp_avg_sq = (torch.zeros(n, dtype=torch.float32, device=dev)
+                                                        for _ in range(3))
+                st.dgrad = torch.zeros(n, dtype=torch.float32, device=dev)
+            else:
+                if p.states_home == "cpu":
+                    st.master, st.exp_avg, st.exp_avg_sq = (self._host(n, torch.float32) for _ in range(3))
+                else:
+                    st.states_obj = self.store.create(n * 12)
+                st.grad = self._host(n, self.dtype)
+                if self.grad_accum > 1:
+                    st.acc = self._host(n, torch.float32)
+                if p.params_home == "gpu":
+                    st.out = self._host(n, self.dtype)
+
+    def load_initial(self, u, values):
+        """values: fp32 CPU flat of u.numel holding the unit's parameters (padding zero); moments start at 0."""
+        n = u.numel_train
+        zeros = torch.zeros(n, dtype=torch.float32)
+        self.write_unit(u, values, values[:n], zeros, zeros)
+
+    def bind_params(self, u):
+        """Points every parameter of the unit at its view of the flat buffer (setup only)."""
+        st = u.st
+        for s in u.slots:
+            s.param.data = st.flat[s.offset:s.offset + s.numel].view(s.shape)
+        if u.plan.params_home != "gpu":
+            st.flat.untyped_storage().resize_(0)
+            u.state = UnitState.RELEASED
+        else:
+            u.state = UnitState.READY
+
+    # ---- NVMe helpers ----------------------------------------------------------------------------------
+    def write_params(self, u, compute_flat, length=None):
+        """Synchronous write of compute-dtype params (setup, checkpoint load)."""
+        slot = self.param_slots.acquire()
+        nb = (length if length is not None else u.numel) * self.itemsize
+        slot[:nb].copy_(compute_flat[:nb // self.itemsize].view(torch.uint8))
+        self.store.wait(self.store.submit_write(u.st.home_obj, 0, as_buffer(slot[:nb])))
+        self.param_slots.release(slot)
+
+    def read_states(self, u):
+        """Reads [master | m | v] of an NVMe-state unit into a staging slot; returns (slot, m, e, s) views."""
+        st = u.st
+        if st.states_write is not None:
+            self.store.wait(st.states_write)
+            st.states_write = None
+        slot = self.state_slots.acquire()
+        n = u.numel_train
+        buf = slot[:n * 12]
+        self.store.wait(self.store.submit_read(st.states_obj, 0, as_buffer(buf)))
+        f = buf.view(torch.float32)
+        return slot, f[:n], f[n:2 * n], f[2 * n:]
+
+    def write_states(self, u, master, exp_avg, exp_avg_sq, wait=False, slot=None):
+        st, n = u.st, u.numel_train
+        if slot is None:
+            slot = self.state_slots.acquire()
+            f = slot[:n * 12].view(torch.float32)
+            f[:n].copy_(master)
+            f[n:2 * n].copy_(exp_avg)
+            f[2 * n:].copy_(exp_avg_sq)
+        ticket = self.store.submit_write(st.states_obj, 0, as_buffer(slot[:n * 12]))
+        if wait:
+            self.store.wait(ticket)
+            self.state_slots.release(slot)
+        else:
+            st.states_write = ticket
+            self.state_slots.release(slot, ticket=ticket)
+
+    # ---- compute-side residency --------------------------------------------------------------------------
+    def prefetch_disk(self, u):
+        st = u.st
+        if u.plan.params_home != "nvme" or st.disk_ticket is not None or u.state != UnitState.RELEASED:
+            return
+        st.updated.wait()
+        if st.params_write is not None:
+            self.store.wait(st.params_write)
+            st.params_write = None
+        slot = self.param_slots.acquire()
+        st.disk_slot = slot
+        st.disk_ticket = self.store.submit_read(st.home_obj, 0, as_buffer(slot[:u.numel * self.itemsize]))
+
+    def fetch(self, u):
+        """Starts making u.flat valid on the compute device (asynchronous on CUDA)."""
+        if u.state != UnitState.RELEASED:
+            return
+        st = u.st
+        st.updated.wait()      # the optimizer must have written this unit's new values first
+        if u.plan.params_home == "nvme":
+            if st.disk_ticket is None:
+                self.prefetch_disk(u)
+            self.store.wait(st.disk_ticket)
+            src = st.disk_slot[:u.numel * self.itemsize].view(self.dtype)
+        else:
+            src = st.home
+        storage = st.flat.untyped_storage()
+        if self.cuda:
+            with torch.cuda.stream(self.h2d):
+                storage.resize_(u.numel * self.itemsize)
+                st.flat.copy_(src, non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(self.h2d)
+            st.ready_event = ev
+        else:
+            storage.resize_(u.numel * self.itemsize)
+            st.flat.copy_(src)
+            ev = None
+        if u.plan.params_home == "nvme":
+            self.param_slots.release(st.disk_slot, event=ev)
+            st.disk_slot = st.disk_ticket = None
+        u.state = UnitState.FETCHING if self.cuda else UnitState.READY
+
+    def wait_ready(self, u):
+        """Makes the compute stream wait for u's parameters (no host sync on CUDA), after any pending
+        optimizer update of the unit has been issued."""
+        u.st.updated.wait()
+        if u.state == UnitState.RELEASED:
+            self.fetch(u)
+        if u.state == UnitState.FETCHING:
+            torch.cuda.current_stream(self.device).wait_event(u.st.ready_event)
+            u.state = UnitState.READY
+        if u.st.update_event is not None:
+            torch.cuda.current_stream(self.device).wait_event(u.st.update_event)
+            u.st.update_event = None
+
+    def release(self, u):
+        if u.plan.params_home == "gpu" or u.state == UnitState.RELEASED:
+            return
+        if self.cuda:
+            u.st.flat.record_stream(torch.cuda.current_stream(self.device))
+        u.st.flat.untyped_storage().resize_(0)
+        u.state = UnitState.RELEASED
+
+    # ---- whole-unit reads and writes (checkpoints, state_dict) ----------------------------------------------
+    def read_unit(self, u):
+        """CPU copies of (compute-dtype flat, master, exp_avg, exp_avg_sq); the last three None when frozen."""
+        st, p = u.st, u.plan
+        if p.params_home == "gpu":
+            compute = st.flat.detach().cpu().clone()
+        elif p.params_home == "cpu":
+            compute = st.home.clone()
+        else:
+            slot = self.param_slots.acquire()
+            nb = u.numel * self.itemsize
+            self.store.wait(self.store.submit_read(st.home_obj, 0, as_buffer(slot[:nb])))
+            compute = slot[:nb].view(self.dtype).clone()
+            self.param_slots.release(slot)
+        if not u.numel_train:
+            return compute, None, None, None
+        if p.states_home == "nvme":
+            slot, master, m, v = self.read_states(u)
+            out = (compute, master.clone(), m.clone(), v.clone())
+            self.state_slots.release(slot)
+            return out
+        return compute, st.master.cpu().clone(), st.exp_avg.cpu().clone(), st.exp_avg_sq.cpu().clone()
+
+    def write_unit(self, u, compute, master=None, exp_avg=None, exp_avg_sq=None):
+        st, p = u.st, u.plan
+        compute = compute.to(self.dtype)
+        if p.params_home == "gpu":
+            st.flat.copy_(compute)
+        elif p.params_home == "cpu":
+            st.home.copy_(compute)
+        else:
+            self.write_params(u, compute)
+        if u.numel_train and master is not None:
+            if p.states_home == "nvme":
+                self.write_states(u, master, exp_avg, exp_avg_sq, wait=True)
+            else:
+                st.master.copy_(master)
+                st.exp_avg.copy_(exp_avg)
+                st.exp_avg_sq.copy_(exp_avg_sq)
+
+    def close(self):
+        if self.store is not None:
+            try:
+                self.store.wait_all()
+            finally:
+                self.store.close()
+                self.store = None
+        if self.arena is not None:
+            self.arena.close()
+            self.arena = None
