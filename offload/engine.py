@@ -227,6 +227,7 @@ class Engine:
                 self._found_inf.logical_or_(~torch.isfinite(target).all())
         if u.plan.states_home == "gpu":
             return
+        tiers.moved["d2h"] += u.numel_train * tiers.itemsize
         ev = None
         if tiers.cuda:
             st.compute_done = torch.cuda.Event()

@@ -160,6 +160,7 @@ class UnitOptimizer:
                 if t.cuda:
                     t.h2d.wait_event(st.compute_done)
                     st.flat[:u.numel_train].copy_(out, non_blocking=True)
+                    t.moved["h2d"] += u.numel_train * t.itemsize
                     ev = torch.cuda.Event()
                     ev.record(t.h2d)
                     st.update_event = ev
@@ -167,6 +168,7 @@ class UnitOptimizer:
                     st.flat[:u.numel_train].copy_(out)
         elif p.params_home == "nvme":
             ticket = t.store.submit_write(st.home_obj, 0, as_buffer(out_slot[:u.numel_train * t.itemsize]))
+            t.moved["disk_write"] += u.numel_train * t.itemsize
             t.store.wait(ticket)   # the next forward reads this object: the write must be complete first
             t.param_slots.release(out_slot)
 

@@ -105,6 +105,7 @@ class Tiers:
         self.state_slots = SlotRing(self.arena, plan.state_slots if max_state else 0, max_state, self.store)
         self.param_slots = SlotRing(self.arena, plan.param_slots if max_param else 0, max_param, self.store)
         self.grad_accum = 1
+        self.moved = {"h2d": 0, "d2h": 0, "disk_read": 0, "disk_write": 0}   # bytes, for summaries
         for u, p in zip(units, plan.units):
             u.st = UnitStorage()
             u.plan = p
@@ -180,6 +181,7 @@ class Tiers:
         n = u.numel_train
         buf = slot[:n * 12]
         self.store.wait(self.store.submit_read(st.states_obj, 0, as_buffer(buf)))
+        self.moved["disk_read"] += n * 12
         f = buf.view(torch.float32)
         return slot, f[:n], f[n:2 * n], f[2 * n:]
 
@@ -192,6 +194,7 @@ class Tiers:
             f[n:2 * n].copy_(exp_avg)
             f[2 * n:].copy_(exp_avg_sq)
         ticket = self.store.submit_write(st.states_obj, 0, as_buffer(slot[:n * 12]))
+        self.moved["disk_write"] += n * 12
         if wait:
             self.store.wait(ticket)
             self.state_slots.release(slot)
@@ -211,6 +214,7 @@ class Tiers:
         slot = self.param_slots.acquire()
         st.disk_slot = slot
         st.disk_ticket = self.store.submit_read(st.home_obj, 0, as_buffer(slot[:u.numel * self.itemsize]))
+        self.moved["disk_read"] += u.numel * self.itemsize
 
     def fetch(self, u):
         """Starts making u.flat valid on the compute device (asynchronous on CUDA)."""
@@ -226,6 +230,7 @@ class Tiers:
         else:
             src = st.home
         storage = st.flat.untyped_storage()
+        self.moved["h2d"] += u.numel * self.itemsize
         if self.cuda:
             with torch.cuda.stream(self.h2d):
                 storage.resize_(u.numel * self.itemsize)
