@@ -19,6 +19,8 @@ from .sizes import parse_size
 from .stream import Streamer
 from .tiers import Tiers
 
+ACTIVATION_SHARE = 0.3   # of gpu_memory, on CUDA, kept free for activations and temporaries
+
 
 def engine(model, *, optimizer=None, device=None, dtype=None, gpu_memory=None, cpu_memory=None, nvme=None,
            grad_accum=1, clip_grad_norm=None, activations="auto", trace=None):
@@ -111,9 +113,11 @@ class Engine:
         self.mode = "deferred" if clip_grad_norm is not None else "eager"   # Note [update modes] in optim.py
         self.units = split_units(model)
         itemsize = torch.empty((), dtype=self.dtype).element_size()
+        # Until the planner knows batch and sequence, a share of the device budget is kept for activations.
+        act_reserve = int(gpu_b * ACTIVATION_SHARE) if (self.device.type == "cuda" and gpu_b) else 0
         self.plan = plan_placement(self.units, itemsize=itemsize, device=str(self.device), gpu_budget=gpu_b,
                                    cpu_budget=cpu_b, nvme=nvme_paths, grad_accum=grad_accum,
-                                   activations=activations)
+                                   activations=activations, act_reserve=act_reserve)
         self.plan.budgets["nvme"] = None
         if nvme_paths and self.plan.bytes["nvme"]:
             self._check_disk_space(nvme_paths)

@@ -1,0 +1,294 @@
+"""The reference workload, side by side in one run: offload, DeepSpeed ZeRO-3 CPU offload, plain PyTorch.
+
+LLaMA-shaped 3.37B (hidden 3072, intermediate 8192, 28 layers, 24 heads, vocab 32000), bf16, seq 2048,
+micro-batch 4, AdamW, GPU capped at --gpu-cap GiB with torch.cuda.set_per_process_memory_fraction.
+Each system runs in its own process (clean GPU and host memory); rows share one run id. Recorded with
+bench/record.py: step_s (median of the steps after warm-up), tokens_per_s, model_tflops (6 N T +
+attention, no recompute), peak_gpu_gib, host_rss_gib, floors from rates measured in this run.
+
+  python bench/reference.py --systems offload,pytorch,deepspeed --steps 8 --warmup 2
+  python bench/reference.py --systems offload --cpu-memory 16GiB --nvme /tmp/offload-nvme --bench reference-3.37b-nvme
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+
+def model_config(a):
+    from transformers import LlamaConfig
+    return LlamaConfig(hidden_size=a.hidden, intermediate_size=a.inter, num_hidden_layers=a.layers,
+                       num_attention_heads=a.heads, num_key_value_heads=a.heads, vocab_size=a.vocab,
+                       max_position_embeddings=a.seq, tie_word_embeddings=False, use_cache=False,
+                       attn_implementation="sdpa")
+
+
+def n_params(a):
+    h, i, L, v = a.hidden, a.inter, a.layers, a.vocab
+    return L * (4 * h * h + 3 * h * i + 2 * h) + 2 * v * h + h
+
+
+def model_flops(a):
+    tokens = a.mb * a.seq
+    return 6 * n_params(a) * tokens + 12 * a.layers * a.hidden * a.seq * tokens
+
+
+def build(a, dtype):
+    import torch
+    from transformers import LlamaForCausalLM
+    torch.manual_seed(0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = LlamaForCausalLM(model_config(a))
+    finally:
+        torch.set_default_dtype(prev)
+    return model
+
+
+def batches(a, device):
+    import torch
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, a.vocab, (a.mb, a.seq), generator=g).to(device) for _ in range(4)]
+
+
+def cap_gpu(a):
+    import torch
+    total = torch.cuda.get_device_properties(0).total_memory
+    if a.gpu_cap:
+        torch.cuda.set_per_process_memory_fraction(min(1.0, a.gpu_cap * 2**30 / total))
+
+
+def timed_steps(a, step_fn):
+    import torch
+    times, losses = [], []
+    data = batches(a, "cuda")
+    for i in range(a.warmup + a.steps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        loss = step_fn(data[i % len(data)])
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+        losses.append(float(loss))
+        print(f"  step {i}: {times[-1]:.3f} s loss {losses[-1]:.4f}", flush=True)
+    return times[a.warmup:], losses
+
+
+def run_offload(a):
+    import torch
+    import offload
+    cap_gpu(a)
+    model = build(a, torch.bfloat16)
+    t = time.perf_counter()
+    eng = offload.engine(model, optimizer=offload.AdamW(lr=a.lr, weight_decay=0.0), gpu_memory=f"{a.gpu_cap}GiB",
+                         cpu_memory=a.cpu_memory, nvme=a.nvme, activations=a.activations,
+                         trace=a.trace)
+    setup_s = time.perf_counter() - t
+    print(eng.plan, flush=True)
+
+    def step(x):
+        out = eng(input_ids=x, labels=x)
+        eng.backward(out.loss)
+        eng.step()
+        return out.loss.detach()
+    times, losses = timed_steps(a, step)
+    eng.sync()
+    extra = {"setup_s": round(setup_s, 1), "plan_bytes": eng.plan.bytes, "moved": eng.tiers.moved,
+             "predicted_step_s": eng.plan.predicted_step_s, "bottleneck_planned": eng.plan.bottleneck}
+    eng.close()
+    return times, losses, extra
+
+
+def run_pytorch(a):
+    import torch
+    model = build(a, torch.float32).cuda()
+    model.gradient_checkpointing_enable()
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0, fused=True)
+
+    def step(x):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(input_ids=x, labels=x)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return out.loss.detach()
+    return (*timed_steps(a, step), {})
+
+
+def run_deepspeed(a):
+    import deepspeed
+    import torch
+    cap_gpu(a)
+    model = build(a, torch.bfloat16)
+    model.gradient_checkpointing_enable()
+    nvme = a.nvme[0] if a.nvme else None
+    opt_dev = {"device": "nvme", "nvme_path": nvme, "pin_memory": True} if nvme else {"device": "cpu", "pin_memory": True}
+    cfg = {"train_micro_batch_size_per_gpu": a.mb, "gradient_accumulation_steps": 1, "bf16": {"enabled": True},
+           "optimizer": {"type": "AdamW", "params": {"lr": a.lr, "weight_decay": 0.0}},
+           "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu", "pin_memory": True},
+                                 "offload_optimizer": opt_dev},
+           "steps_per_print": 10**9}
+    if nvme:
+        cfg["aio"] = {"block_size": 1048576, "queue_depth": 16, "thread_count": 1, "single_submit": False,
+                      "overlap_events": True}
+    eng, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+
+    def step(x):
+        out = eng(input_ids=x, labels=x)
+        eng.backward(out.loss)
+        eng.step()
+        return out.loss.detach()
+    return (*timed_steps(a, step), {})
+
+
+def worker(a):
+    import torch
+    fn = {"offload": run_offload, "pytorch": run_pytorch, "deepspeed": run_deepspeed}[a.worker]
+    torch.cuda.reset_peak_memory_stats()
+    times, losses, extra = fn(a)
+    res = {"system": a.worker, "times": times, "losses": losses,
+           "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30,
+           "host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, **extra}
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+def measure_rates():
+    """Rates of this machine measured now: PCIe (pinned), bf16 GEMM, CPU AdamW (native)."""
+    import torch
+    r = {}
+    n = 1 << 30
+    h = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    d = torch.empty(n, dtype=torch.uint8, device="cuda")
+    for name, fn in (("h2d", lambda: d.copy_(h, non_blocking=True)), ("d2h", lambda: h.copy_(d, non_blocking=True))):
+        fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+        r[f"{name}_gb_s"] = 5 * n / (time.perf_counter() - t) / 1e9
+    del h, d
+    m = 8192
+    x = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
+    y = x @ x
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(20):
+        y = x @ x
+    torch.cuda.synchronize()
+    r["gemm_tflops"] = 20 * 2 * m**3 / (time.perf_counter() - t) / 1e12
+    del x, y
+    from offload.adam import adamw_
+    k = 100_000_000
+    p, mm, v = (torch.zeros(k) for _ in range(3))
+    g = torch.randn(k).bfloat16()
+    out = torch.empty(k, dtype=torch.bfloat16)
+    adamw_(p, g, mm, v, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, step=1, out=out)
+    t = time.perf_counter()
+    for s in range(3):
+        adamw_(p, g, mm, v, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, step=s + 2, out=out)
+    r["cpu_adam_gparams_s"] = 3 * k / (time.perf_counter() - t) / 1e9
+    return r
+
+
+def floors(a, rates, moved=None):
+    P = n_params(a)
+    tokens = a.mb * a.seq
+    flops_recompute = 8 * P * tokens + 16 * a.layers * a.hidden * a.seq * tokens
+    f = {"gpu_s": flops_recompute / (rates["gemm_tflops"] * 1e12),
+         "pcie_s": 3 * 2 * P / (min(rates["h2d_gb_s"], rates["d2h_gb_s"]) * 1e9),
+         "cpu_adam_s": P / (rates["cpu_adam_gparams_s"] * 1e9)}
+    if moved and (moved.get("disk_read") or moved.get("disk_write")) and rates.get("disk_gb_s"):
+        f["disk_s"] = (moved["disk_read"] + moved["disk_write"]) / a.steps_total / (rates["disk_gb_s"] * 1e9)
+    return f
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--systems", default="offload,pytorch,deepspeed")
+    p.add_argument("--worker", default=None)
+    p.add_argument("--bench", default="reference-3.37b")
+    p.add_argument("--hidden", type=int, default=3072)
+    p.add_argument("--inter", type=int, default=8192)
+    p.add_argument("--layers", type=int, default=28)
+    p.add_argument("--heads", type=int, default=24)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--mb", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--gpu-cap", type=float, default=24)
+    p.add_argument("--cpu-memory", default=None)
+    p.add_argument("--nvme", nargs="*", default=None)
+    p.add_argument("--activations", default="auto")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--trace", default=None)
+    p.add_argument("--disk-gb-s", type=float, default=None, help="measured disk rate for the disk floor")
+    p.add_argument("--timeout", type=int, default=900)
+    a = p.parse_args()
+    if a.worker:
+        return worker(a)
+    from record import record, run_id
+    rates = measure_rates()
+    if a.disk_gb_s:
+        rates["disk_gb_s"] = a.disk_gb_s
+    print("rates:", json.dumps({k: round(v, 2) for k, v in rates.items()}), flush=True)
+    rows = []
+    for system in a.systems.split(","):
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", system] + [x for x in sys.argv[1:]
+                                                                                  if not x.startswith("--systems")]
+        cmd = [c for i, c in enumerate(cmd) if not (i > 0 and cmd[i - 1] == "--systems")]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if system == "deepspeed":
+            env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29511")
+        print(f"== {system}: {' '.join(cmd)}", flush=True)
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=a.timeout)
+            out = proc.stdout + proc.stderr
+        except subprocess.TimeoutExpired as e:
+            out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            out += "\nTIMEOUT"
+        print("\n".join(out.splitlines()[-40:]), flush=True)
+        res = next((json.loads(l[7:]) for l in out.splitlines() if l.startswith("RESULT ")), None)
+        if res is None:
+            record({"bench": a.bench, "system": system, "status": "failed",
+                    "error": out.strip().splitlines()[-1][:300] if out.strip() else "no output"})
+            continue
+        a.steps_total = a.steps + a.warmup
+        step_s = statistics.median(res["times"])
+        tokens = a.mb * a.seq
+        fl = floors(a, rates, res.get("moved"))
+        largest = max(fl, key=fl.get)
+        row = {"bench": a.bench, "system": {"deepspeed": "deepspeed-zero3-cpu-" + ("nvme" if a.nvme else "cpu"),
+                                            "pytorch": "pytorch-gpu-resident"}.get(system, system),
+               "run": run_id(), "step_s": round(step_s, 4), "tokens_per_s": round(tokens / step_s, 1),
+               "model_tflops": round(model_flops(a) / step_s / 1e12, 1), "params_B": round(n_params(a) / 1e9, 3),
+               "peak_gpu_gib": round(res["peak_gpu_gib"], 2), "host_rss_gib": round(res["host_rss_gib"], 2),
+               "floor_s": round(fl[largest], 4), "bottleneck": largest.replace("_s", ""),
+               "measured_over_floor": round(step_s / fl[largest], 3),
+               "floors": {k: round(v, 4) for k, v in fl.items()}, "rates": {k: round(v, 2) for k, v in rates.items()},
+               "losses": [round(x, 4) for x in res["losses"]], "step_times": [round(x, 3) for x in res["times"]],
+               "gpu_cap_gib": a.gpu_cap if system != "pytorch" else None, "cpu_memory": a.cpu_memory,
+               "activations": a.activations if system == "offload" else None}
+        for k in ("setup_s", "plan_bytes", "moved", "predicted_step_s"):
+            if k in res:
+                row[k] = res[k]
+        rows.append(record(row))
+        print(json.dumps(row), flush=True)
+    base = {r["system"]: r["step_s"] for r in rows}
+    if "offload" in base:
+        for k, v in base.items():
+            if k != "offload":
+                print(f"offload vs {k}: {v / base['offload']:.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
