@@ -15,9 +15,8 @@
 // cast to float as torch's CPU kernels cast scalar arguments. Every path (scalar, AVX2, AVX-512) performs
 // exactly these IEEE operations, so they agree bitwise with each other and with any thread count.
 // One op cannot be reproduced: torch's CPU sqrt goes through MKL VML, which is within 1 ulp but not
-// correctly rounded (it differs from IEEE sqrt on ~15% of inputs); ours is IEEE. Against torch, m is bitwise
-// equal, v and p differ by an ulp or two where such a sqrt fed back (v only through p? no: v never reads
-// den) -- see tests/test_adam.py for the measured bound.
+// correctly rounded (it differs from IEEE sqrt on ~15% of inputs); ours is IEEE. m and v never read the
+// sqrt, so they equal torch's bitwise; p can differ by an ulp of the update (tests/test_adam.py bounds it).
 //
 // Note [rounding barrier]: GCC contracts a*b+c into an FMA by default (-ffp-contract=fast), even across
 // vector intrinsics, which would round once where torch rounds twice. Each product that feeds an add goes
