@@ -1,0 +1,76 @@
+"""The native CPU AdamW on torch tensors: validation here, the math in csrc/adam*.cpp.
+
+`adamw_` is one step of torch.optim.AdamW (foreach=False; amsgrad, maximize, capturable off) over flat,
+contiguous CPU tensors, in place, with the GIL released. It reproduces torch's fp32 operations in torch's
+order (see Note [adam exactness] in csrc/adam.h), so results agree with torch.optim.AdamW to the last ulp or
+so; every SIMD level and thread count gives bitwise the same result.
+"""
+import torch
+
+from . import _native
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def _bytes(t):
+    # A uint8 view shares t's storage (bf16 included, which numpy cannot represent): the kernel writes in
+    # place. detach() shares it too, so a parameter can be passed as is, as to torch.optim's kernels.
+    return t.detach().view(torch.uint8).numpy()
+
+
+def _check(t, name, dtypes, numel, problems):
+    if not isinstance(t, torch.Tensor):
+        problems.append(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        return
+    if t.device.type != "cpu":
+        problems.append(f"{name}: must be on the CPU, is on {t.device}")
+    if t.dtype not in dtypes:
+        allowed = ", ".join(str(d) for d in dtypes)
+        problems.append(f"{name}: dtype {t.dtype} not supported (expected {allowed})")
+    if not t.is_contiguous():
+        problems.append(f"{name}: must be contiguous (an update to a .contiguous() copy would be lost)")
+    if numel is not None and t.numel() != numel:
+        problems.append(f"{name}: has {t.numel()} elements, master has {numel}")
+
+
+def adamw_(master, grad, exp_avg, exp_avg_sq, *, lr, betas, eps, weight_decay, step, out=None, grad_scale=1.0,
+           simd="auto"):
+    """One AdamW step in place on master, exp_avg, exp_avg_sq; writes master.to(out.dtype) into out if given.
+
+    master, exp_avg, exp_avg_sq: contiguous CPU float32 tensors of the same numel. grad: float32, bfloat16
+    or float16, same numel; the update uses grad.float() * grad_scale. out: None or float32/bfloat16/float16
+    (bf16/fp16 round to nearest even). step: torch's state["step"] after this update (1 on the first).
+    simd: "auto" | "avx512" | "avx2" | "scalar"; a level the CPU lacks raises ValueError.
+    Raises ValueError listing every offending tensor or value.
+    """
+    problems = []
+    n = master.numel() if isinstance(master, torch.Tensor) else None
+    _check(master, "master", (torch.float32,), None, problems)
+    _check(exp_avg, "exp_avg", (torch.float32,), n, problems)
+    _check(exp_avg_sq, "exp_avg_sq", (torch.float32,), n, problems)
+    _check(grad, "grad", tuple(_DTYPE_NAMES), n, problems)
+    if out is not None:
+        _check(out, "out", tuple(_DTYPE_NAMES), n, problems)
+    if len(betas) != 2:
+        problems.append(f"betas: expected (beta1, beta2), got {betas!r}")
+    if problems:
+        raise ValueError("adamw_: " + "; ".join(problems))
+    _native.adamw_step(
+        _bytes(master), _bytes(grad), _bytes(exp_avg), _bytes(exp_avg_sq),
+        lr=float(lr), beta1=float(betas[0]), beta2=float(betas[1]), eps=float(eps),
+        weight_decay=float(weight_decay), step=int(step), grad_dtype=_DTYPE_NAMES[grad.dtype],
+        out=None if out is None else _bytes(out),
+        out_dtype="float32" if out is None else _DTYPE_NAMES[out.dtype],
+        grad_scale=float(grad_scale), simd=simd)
+
+
+def grad_sumsq(grad):
+    """Sum of squares of a contiguous CPU float32/bfloat16/float16 tensor, in double; inf and nan propagate.
+
+    For global-norm clipping (sqrt of the sum over all units) and non-finite detection. Releases the GIL.
+    """
+    problems = []
+    _check(grad, "grad", tuple(_DTYPE_NAMES), None, problems)
+    if problems:
+        raise ValueError("grad_sumsq: " + "; ".join(problems))
+    return _native.grad_sumsq(_bytes(grad), grad_dtype=_DTYPE_NAMES[grad.dtype])
