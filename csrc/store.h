@@ -86,7 +86,10 @@ class Store : private IoSink {
   std::vector<uint32_t> alignment() const;
   unsigned queue_depth() const { return qd_; }
   unsigned reclaimed() const { return reclaimed_; }
-  bool closed() const { return closed_; }
+  bool closed() {
+    std::lock_guard<std::mutex> lk(mu_);
+    return closed_;
+  }
 
  private:
   struct PathState {

@@ -26,9 +26,13 @@ def open_store(paths, **kw):
         for path, direct in zip(paths, store.direct):
             if not direct:
                 warnings.warn(f"{path}: filesystem refuses O_DIRECT (tmpfs?): using buffered I/O", stacklevel=2)
-    if not _native.HAVE_URING and kw.get("backend", "auto") == "auto":
-        warnings.warn("built without liburing: the store uses its thread-pool backend "
-                      "(install liburing-dev and rebuild for io_uring)", stacklevel=2)
+    if kw.get("backend", "auto") == "auto" and store.backend != "io_uring":
+        if not _native.HAVE_URING:
+            warnings.warn("built without liburing: the store uses its thread-pool backend "
+                          "(install liburing-dev and rebuild for io_uring)", stacklevel=2)
+        else:
+            warnings.warn("io_uring ring setup failed (kernel.io_uring_disabled? seccomp?): the store uses its "
+                          "thread-pool backend", stacklevel=2)
     return store
 
 
