@@ -1,0 +1,167 @@
+"""GPU tests (skipped without CUDA): bf16 parity against an fp32-master autocast reference, injected GPU
+delays that expose missing stream syncs, and peak GPU memory within the gpu_memory budget.
+"""
+import contextlib
+import copy
+import gc
+
+import pytest
+import torch
+
+from conftest import HP, assert_losses_close, param_count, run_engine, run_reference, train_engine
+from models import hf_batches, make_gpt, make_hf, repeated_blocks, token_batches
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+BF16 = torch.bfloat16
+GPU_HP = dict(HP, lr=5e-3)
+STEPS = 5
+
+# bf16 tolerances. The reference (fp32 weights, bf16 autocast, torch.optim.AdamW) and the engine (bf16
+# streamed weights, fp32 master and moments) round differently, so: losses within rel 2e-2; final fp32
+# master weights within 1e-2 of the reference scaled by max(1, |w|max); and the weight updates (final -
+# initial, all params flattened) pointing the same way, cosine > UPDATE_COSINE, which a dropped, doubled
+# or stale update would fail although the elementwise bound passes.
+LOSS_RTOL = 2e-2
+STATE_ATOL = 1e-2
+UPDATE_COSINE = 0.9
+
+
+def _flat_update(state, init, keys):
+    return torch.cat([(state[k].float() - init[k].float()).flatten() for k in keys])
+
+
+def assert_bf16_close(got, ref, model):
+    assert got.stepped == ref.stepped
+    assert_losses_close(got.losses, ref.losses, rtol=LOSS_RTOL, atol=1e-3)
+    init = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    keys = sorted(n for n, _ in model.named_parameters())
+    for k in keys:
+        g, r = got.state[k], ref.state[k]
+        assert g.dtype == torch.float32 and g.device.type == "cpu", (k, g.dtype, g.device)
+        scale = max(1.0, r.abs().max().item())
+        err = (g - r).abs().max().item()
+        assert err <= STATE_ATOL * scale, f"{k}: max |engine - reference| = {err:.3g} > {STATE_ATOL * scale:.3g}"
+    du_g, du_r = _flat_update(got.state, init, keys), _flat_update(ref.state, init, keys)
+    cos = torch.nn.functional.cosine_similarity(du_g, du_r, dim=0).item()
+    assert cos > UPDATE_COSINE, f"engine and reference updates disagree in direction: cosine {cos:.3f}"
+
+
+def _bf16_pair(model, batches, mix, tmp_path, **kw):
+    ref = run_reference(model, batches, hp=GPU_HP, device="cuda", autocast_dtype=BF16)
+    got = run_engine(model, batches, mix=mix, tmp_path=tmp_path, hp=GPU_HP, device="cuda", dtype=BF16, **kw)
+    return got, ref
+
+
+def test_bf16_transformer_parity(mix, tmp_path):
+    model = make_gpt()
+    got, ref = _bf16_pair(model, token_batches(STEPS), mix, tmp_path)
+    assert_bf16_close(got, ref, model)
+
+
+@pytest.mark.parametrize("mix", ["cpu", "cpu+nvme"])
+def test_bf16_llama_parity(mix, tmp_path):
+    pytest.importorskip("transformers")
+    model = make_hf("llama")
+    got, ref = _bf16_pair(model, hf_batches("llama", STEPS), mix, tmp_path)
+    assert_bf16_close(got, ref, model)
+
+
+# ------------------------------------------------------------------------- injected delays (syncs)
+
+SLEEP_CYCLES = int(5e6)          # a few ms of GPU spin per call
+
+
+def _sleep_grad(grad):
+    torch.cuda._sleep(SLEEP_CYCLES)
+    return grad
+
+
+def _sleep_before_block(module, args, kwargs):
+    """Forward pre-hook: spin the current stream before the block runs (a late compute stream exposes
+    an H2D prefetch or slot reuse that does not wait on it), and on the block's input gradient, so the
+    current stream is also late right after the block's backward (exposes a grad D2H that does not wait)."""
+    torch.cuda._sleep(SLEEP_CYCLES)
+    for t in list(args) + list(kwargs.values()):
+        if torch.is_tensor(t) and t.requires_grad:
+            t.register_hook(_sleep_grad)
+            break
+
+
+@contextlib.contextmanager
+def _deterministic():
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
+def _with_delays(model):
+    slow = copy.deepcopy(model)
+    blocks = repeated_blocks(slow)
+    assert blocks
+    for blk in blocks:
+        blk.register_forward_pre_hook(_sleep_before_block, with_kwargs=True)
+    return slow
+
+
+@pytest.mark.parametrize("mix", ["cpu", "nvme"])
+@pytest.mark.parametrize("name", ["gpt", "llama"])
+def test_injected_delays_change_nothing(name, mix, tmp_path):
+    """The same engine run with and without torch.cuda._sleep injected before every block (hooks registered
+    on the model BEFORE wrapping, kept by the engine) gives bitwise-identical losses and weights: any
+    copy or slot reuse that relies on timing instead of an event shows up as a difference."""
+    if name == "gpt":
+        model, batches = make_gpt(), token_batches(4)
+    else:
+        pytest.importorskip("transformers")
+        model, batches = make_hf("llama"), hf_batches("llama", 4)
+    with _deterministic():
+        kw = dict(mix=mix, hp=GPU_HP, device="cuda", dtype=BF16, grad_accum=2, clip_grad_norm=1.0)
+        fast = run_engine(model, batches, tmp_path=tmp_path / "fast", **kw)
+        slow = run_engine(_with_delays(model), batches, tmp_path=tmp_path / "slow", **kw)
+    assert slow.losses == fast.losses
+    for k in fast.state:
+        assert torch.equal(slow.state[k], fast.state[k]), k
+
+
+# ------------------------------------------------------------------------------------- peak memory
+
+def _big_gpt():
+    """~6.5M params: full fp32 state ~100 MiB, bf16 weights alone ~12 MiB."""
+    return make_gpt(vocab=512, d=256, n_layer=8, n_head=4, max_len=64)
+
+
+@pytest.mark.parametrize("with_nvme", [False, True])
+def test_peak_gpu_memory_within_budget(tmp_path, with_nvme):
+    """torch.cuda.max_memory_allocated() over construction and three steps stays within gpu_memory, for a
+    budget far below the model's full state (and below its bf16 weights plus grads), so the engine must
+    stream; plan.bytes["gpu"] is within the budget too."""
+    import offload
+
+    model = _big_gpt()
+    full_state = 16 * param_count(model)
+    gpu_memory = 16 << 20
+    assert gpu_memory < full_state // 6 and gpu_memory < 4 * param_count(model)
+    batches = [{k: v.cuda() for k, v in b.items()} for b in token_batches(3, seq=64, vocab=512)]
+    kw = dict(gpu_memory=gpu_memory, cpu_memory=4 * full_state, nvme=None)
+    if with_nvme:
+        (tmp_path / "nvme").mkdir()
+        kw.update(cpu_memory=full_state // 2, nvme=str(tmp_path / "nvme"))
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with offload.engine(model, optimizer=offload.AdamW(**GPU_HP), device="cuda", dtype=BF16, **kw) as engine:
+        assert engine.plan.bytes["gpu"] <= gpu_memory, engine.plan.bytes
+        if with_nvme:
+            assert engine.plan.bytes["nvme"] > 0, engine.plan.bytes
+        run = train_engine(engine, batches, device="cuda")
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    assert all(run.stepped)
+    assert peak <= gpu_memory, f"peak GPU memory {peak / 2**20:.1f} MiB > gpu_memory {gpu_memory / 2**20:.1f} MiB"
