@@ -243,9 +243,9 @@ def main():
     print("rates:", json.dumps({k: round(v, 2) for k, v in rates.items()}), flush=True)
     rows = []
     for system in a.systems.split(","):
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", system] + [x for x in sys.argv[1:]
-                                                                                  if not x.startswith("--systems")]
-        cmd = [c for i, c in enumerate(cmd) if not (i > 0 and cmd[i - 1] == "--systems")]
+        argv = sys.argv[1:]
+        keep = [x for i, x in enumerate(argv) if not (x.startswith("--systems") or (i and argv[i - 1] == "--systems"))]
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", system] + keep
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if system == "deepspeed":
             env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29511")

@@ -74,3 +74,39 @@ def grad_sumsq(grad):
     if problems:
         raise ValueError("grad_sumsq: " + "; ".join(problems))
     return _native.grad_sumsq(_bytes(grad), grad_dtype=_DTYPE_NAMES[grad.dtype])
+
+
+def reference_adamw_(master, grad, exp_avg, exp_avg_sq, *, lr, betas, eps, weight_decay, step, out=None,
+                     grad_scale=1.0):
+    """torch.optim.AdamW's own single-tensor arithmetic (foreach=False), op for op, on flat tensors.
+
+    The engine uses it for fp32 runs, where the promise is bitwise equality with torch.optim.AdamW: torch's
+    CPU sqrt is not correctly rounded (Note [adam exactness] in csrc/adam.h), so the native kernel can
+    differ by an ulp, and AdamW amplifies such differences on parameters whose gradients are mostly zero
+    (rare embedding rows). Elementwise ops give the same bits on a flat buffer as per tensor.
+    """
+    beta1, beta2 = betas
+    g = grad if grad_scale == 1.0 else grad * grad_scale
+    if g.dtype != torch.float32:
+        g = g.float()
+    master.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2 = 1 - beta2 ** step
+    step_size = lr / bias_correction1
+    denom = (exp_avg_sq.sqrt() / (bias_correction2 ** 0.5)).add_(eps)
+    master.addcdiv_(exp_avg, denom, value=-step_size)
+    if out is not None:
+        out.copy_(master)
+
+
+def unit_adamw_(master, grad, exp_avg, exp_avg_sq, **kw):
+    """The engine's CPU AdamW: torch's arithmetic when everything is fp32 (exact parity), the native
+    vectorised kernel when gradients or outputs are half precision (the GPU-training case, where speed
+    matters and bf16 rounding dominates any ulp)."""
+    out = kw.get("out")
+    if grad.dtype == torch.float32 and (out is None or out.dtype == torch.float32):
+        reference_adamw_(master, grad, exp_avg, exp_avg_sq, **kw)
+    else:
+        adamw_(master, grad, exp_avg, exp_avg_sq, **kw)

@@ -53,7 +53,7 @@ class HostArena:
         pin: register the whole mapping with CUDA (``cudaHostRegister``) once. ``None``: pin when
             ``torch.cuda.is_available()``. On failure (e.g. ``RLIMIT_MEMLOCK``, ``ulimit -l``) a
             ``PinningWarning`` is issued and the arena works unpinned; ``pinned`` says which. Pinning commits
-            the whole mapping (RSS grows to ``capacity``); unpinned, pages are committed as they are touched.
+            the budget rounded to whole pages (RSS grows to that); unpinned, pages are committed as they are touched.
         huge_pages: ask for transparent huge pages (``madvise``), which makes pinning and copies cheaper.
         register: ``(register(address, nbytes) -> error code, unregister(address) -> error code)`` used
             instead of CUDA's when pinning, 0 meaning success (tests inject a fake pair; not a tuning knob).
@@ -78,9 +78,9 @@ class HostArena:
 
     def _pin(self, pair: Tuple[RegisterFn, UnregisterFn]) -> None:
         register, unregister = pair
-        # The whole capacity, not just the budget: one registration covers every allocation and slot, and
-        # cudaHostRegister wants page-granular ranges, which the 2 MiB-rounded mapping is.
-        address, nbytes = self._arena.address, self._arena.capacity
+        # The budget rounded up to whole 4 KiB pages, not the 2 MiB-rounded mapping: registration commits
+        # every page it covers, and cpu_memory must hold exactly (allocations never reach beyond the budget).
+        address, nbytes = self._arena.address, -(-self._arena.budget // 4096) * 4096
         err = int(register(address, nbytes))
         if err == 0:
             self._unregister = unregister

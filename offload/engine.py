@@ -154,7 +154,8 @@ class Engine:
                     mod._buffers[name] = b.to(self.device)
         self.optimizer.param_groups[0]["params"] = [s.param for u in self.units for s in u.slots if s.trainable]
         self.unit_opt = UnitOptimizer(self.tiers)
-        self.worker = Worker()
+        self.worker = Worker(on_error=self._unblock_all)
+        self.tiers.check = self.worker.raise_error
         self.streamer = Streamer(self.units, self.tiers, self.plan, self._on_unit_grads, self.profiler)
         self.streamer.install()
         self.micro = 0
@@ -163,6 +164,9 @@ class Engine:
         self._awaiting_step = False
         self._poisoned = False
         self._final = True
+        self.window = 0
+        for u in self.units:
+            u.st.acc_window = u.st.final_window = -1
         self._found_inf = torch.zeros((), dtype=torch.bool, device=self.device)
 
     # ---- the training loop ----------------------------------------------------------------------------------
@@ -185,6 +189,7 @@ class Engine:
     def backward(self, loss):
         """Backpropagates loss / grad_accum (the mean over the accumulation window, as DeepSpeed and
         accelerate do)."""
+        self.window = self.micro // self.grad_accum   # index of the accumulation window this belongs to
         self.micro += 1
         self._final = self.micro % self.grad_accum == 0
         if self.grad_accum > 1:
@@ -200,8 +205,13 @@ class Engine:
     def _on_unit_grads(self, u):
         """Gradients of u are complete for this micro-batch: flatten, copy to the host, queue the optimizer."""
         st, tiers = u.st, self.tiers
-        first = (self.micro - 1) % self.grad_accum == 0
+        # A unit's first gradients of a window start its accumulator afresh, whichever micro-batch brings them
+        # (a sub-module can skip micro-batches).
+        first = st.acc_window != self.window
+        st.acc_window = self.window
         final = self._final
+        if final:
+            st.final_window = self.window
         trainable = [s for s in u.slots if s.trainable]
         views, grads = [], []
         target = st.dgrad if u.plan.states_home == "gpu" else None
@@ -247,17 +257,19 @@ class Engine:
         hyper = self.optimizer.hyper()
         self.worker.submit(lambda: self._land(u, ev, first, final, hyper))
 
-    def _land(self, u, ev, first, final, hyper):
-        """Worker thread: gradients of u have (or will have, after ev) landed in its host buffer."""
+    def _land(self, u, ev, first, final, hyper, fresh=True):
+        """Worker thread: gradients of u have (or will have, after ev) landed in its host buffer; with
+        fresh=False there are no new ones and the window's accumulated gradients are finalised."""
         st = u.st
         if ev is not None:
             ev.synchronize()
         g = st.grad
         if self.grad_accum > 1:
-            if first:
-                st.acc.copy_(g)
-            else:
-                st.acc.add_(g)
+            if fresh:
+                if first:
+                    st.acc.copy_(g)
+                else:
+                    st.acc.add_(g)
             g = st.acc
             st.grad_free.set()
         if not final:
@@ -275,6 +287,13 @@ class Engine:
         self.unit_opt.update_host(u, g, hyper, 1.0)
         self._finish_unit(u)
 
+    def _unblock_all(self):
+        """After a worker failure nothing may wait for an update that will never come."""
+        for u in self.units:
+            if getattr(u, "st", None) is not None:
+                u.st.updated.set()
+                u.st.grad_free.set()
+
     def _finish_unit(self, u):
         st = u.st
         st.has_grad = [False] * len(st.has_grad)
@@ -287,11 +306,18 @@ class Engine:
         if not self._awaiting_step:
             return False
         self._awaiting_step = False
+        self.optimizer.step()      # a marker for LR schedulers
         found_inf = bool(self._found_inf.item())
         self._found_inf.zero_()
         hyper = self.optimizer.hyper()
-        host = [u for u in self.units if u.trainable and u.plan.states_home != "gpu"]
-        dev = [u for u in self.units if u.trainable and u.plan.states_home == "gpu"]
+        w = self.window
+        host = [u for u in self.units if u.trainable and u.plan.states_home != "gpu" and u.st.acc_window == w]
+        dev = [u for u in self.units if u.trainable and u.plan.states_home == "gpu" and u.st.acc_window == w]
+        for u in host:
+            if u.st.final_window != w:   # gradients came only from earlier micro-batches of the window
+                u.st.final_window = w
+                u.st.updated.clear()
+                self.worker.submit(lambda u=u: self._land(u, None, False, True, hyper, fresh=False))
         if self.mode == "deferred":
             self.worker.sync()
             total = sum(u.st.sumsq for u in host)

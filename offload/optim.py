@@ -17,16 +17,18 @@ import warnings
 
 import torch
 
-from .adam import adamw_, grad_sumsq
+from .adam import grad_sumsq, unit_adamw_
 from .errors import ConfigError
 from .store import as_buffer
 
 
-class AdamW:
-    """torch.optim.AdamW's hyperparameters for offload.engine (the engine owns the parameters).
+class AdamW(torch.optim.Optimizer):
+    """torch.optim.AdamW's arguments and defaults, for offload.engine (which owns parameters and states).
 
-    Exposes `param_groups` (one group) and `state_dict()`, so torch.optim.lr_scheduler works on it;
-    the learning rate in param_groups[0]["lr"] is read at every update.
+    It is a torch.optim.Optimizer, so torch.optim.lr_scheduler works on it: the learning rate in
+    param_groups[0]["lr"] is read at every update. Updates are applied by engine.step() (which calls
+    this optimizer's step() as a marker for the schedulers); state_dict() holds the hyperparameters, the
+    moments live in the engine's tiers and in its checkpoints.
     """
 
     def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
@@ -40,24 +42,30 @@ class AdamW:
             raise ConfigError(f"AdamW betas={betas}: each must be in [0, 1)")
         if not 0.0 <= eps:
             raise ConfigError(f"AdamW eps={eps}: must be >= 0")
-        self.defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-        self.param_groups = [dict(self.defaults, params=[], initial_lr=lr)]
-        self.param_groups[0].pop("initial_lr")
-        self.state = {}
+        if not 0.0 <= weight_decay:
+            raise ConfigError(f"AdamW weight_decay={weight_decay}: must be >= 0")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        # The engine binds the real parameters; a placeholder satisfies Optimizer's non-empty check.
+        super().__init__([torch.nn.Parameter(torch.zeros(0))], defaults)
 
     def hyper(self):
         g = self.param_groups[0]
         return (float(g["lr"]), tuple(g["betas"]), float(g["eps"]), float(g["weight_decay"]))
 
-    def state_dict(self):
-        return {"param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]}
-
-    def load_state_dict(self, sd):
-        for g, s in zip(self.param_groups, sd["param_groups"]):
-            g.update({k: (tuple(v) if k == "betas" else v) for k, v in s.items()})
+    @torch.no_grad()
+    def step(self, closure=None):
+        """A marker for LR schedulers: engine.step() applies the update and calls this."""
+        return closure() if closure is not None else None
 
     def zero_grad(self, set_to_none=True):
         """Gradients live in the engine's buffers and are consumed by each update: nothing to do."""
+
+    def state_dict(self):
+        return {"param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]}
+
+    def load_state_dict(self, state_dict):
+        for g, s in zip(self.param_groups, state_dict["param_groups"]):
+            g.update({k: (tuple(v) if k == "betas" else v) for k, v in s.items()})
 
     def __repr__(self):
         return f"offload.AdamW({self.defaults})"
@@ -68,7 +76,8 @@ class Worker:
     thread at the next sync() or submit(), never lost. The heavy calls it makes (native AdamW, store waits,
     CUDA event syncs) release the GIL."""
 
-    def __init__(self, name="offload-optim"):
+    def __init__(self, name="offload-optim", on_error=None):
+        self.on_error = on_error   # called on the worker thread after a failure: must unblock every waiter
         self.q = queue.Queue()
         self.error = None
         self.pending = 0
@@ -86,6 +95,8 @@ class Worker:
                     fn()
             except BaseException as e:  # surfaced in the caller's thread
                 self.error = e
+                if self.on_error is not None:
+                    self.on_error()
             finally:
                 with self.cv:
                     self.pending -= 1
@@ -151,7 +162,7 @@ class UnitOptimizer:
             out = out_slot[:u.numel * t.itemsize].view(t.dtype)
         for off, n, step in self._segments(u):
             sl = slice(off, off + n)
-            adamw_(master[sl], grad[sl], m[sl], v[sl], lr=lr, betas=betas, eps=eps, weight_decay=wd,
+            unit_adamw_(master[sl], grad[sl], m[sl], v[sl], lr=lr, betas=betas, eps=eps, weight_decay=wd,
                    step=step, out=out[sl], grad_scale=scale)
         if slot is not None:
             t.write_states(u, master, m, v, slot=slot)
@@ -182,7 +193,7 @@ class UnitOptimizer:
         for off, n, step in self._segments(u):
             sl = slice(off, off + n)
             if st.master.device.type == "cpu":
-                adamw_(st.master[sl], g[sl], st.exp_avg[sl], st.exp_avg_sq[sl], lr=lr, betas=betas, eps=eps,
+                unit_adamw_(st.master[sl], g[sl], st.exp_avg[sl], st.exp_avg_sq[sl], lr=lr, betas=betas, eps=eps,
                        weight_decay=wd, step=step, out=None)
             else:
                 torch._fused_adamw_([st.master[sl]], [g[sl]], [st.exp_avg[sl]], [st.exp_avg_sq[sl]], [],

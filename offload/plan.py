@@ -18,7 +18,6 @@ from .errors import BudgetError
 from .sizes import fmt_bytes
 
 ARENA_ALIGN = 4096
-HUGE_PAGE = 2 << 20
 STATE_BYTES = 12       # fp32 master + exp_avg + exp_avg_sq per trainable element
 DEVICE_GRAD_BYTES = 4  # fp32 gradient the device-side AdamW consumes
 
@@ -47,12 +46,13 @@ class Plan:
     budgets: dict
     prefetch_depth: int = 2
     disk_prefetch_depth: int = 4
-    state_slots: int = 3
+    state_slots: int = 2
     param_slots: int = 0
     device: str = "cpu"
     predicted_step_s: float = None
     bottleneck: str = None
     notes: list = field(default_factory=list)
+    resource_s: dict = field(default_factory=dict)
 
     @property
     def arena_bytes(self):
@@ -67,8 +67,8 @@ class Plan:
         lines.append("buffers: " + ", ".join(f"{k}={fmt_bytes(v)}" for k, v in self.buffers.items()))
         lines.append(f"prefetch depth {self.prefetch_depth} (host->device), {self.disk_prefetch_depth} (disk->host)")
         if self.predicted_step_s is not None:
-            lines.append(f"predicted optimizer/transfer time per step {self.predicted_step_s:.3f} s, "
-                         f"bottleneck {self.bottleneck}")
+            lines.append(f"predicted state traffic per step (compute excluded): {self.predicted_step_s:.3f} s, "
+                         f"bound by {self.bottleneck} (" + ", ".join(f"{k} {v:.3f} s" for k, v in self.resource_s.items()) + ")")
         lines.append(f"{'unit':<28}{'elements':>14}  params  states  activations")
         shown = self.units if len(self.units) <= 12 else self.units[:5] + [None] + self.units[-5:]
         for u in shown:
@@ -80,35 +80,38 @@ class Plan:
         return "\n".join(lines)
 
 
-def plan_placement(units, *, itemsize, device, gpu_budget, cpu_budget, nvme, grad_accum, activations,
-                   act_reserve=0):
-    """units: groups.Unit list. Budgets in bytes (None = unbounded). Returns a Plan or raises BudgetError."""
-    streamed_depth = 2
-    param_b = [u.numel * itemsize for u in units]
-    state_b = [u.numel_train * STATE_BYTES for u in units]
-    total_params, total_states = sum(param_b), sum(state_b)
+STREAM_DEPTH = 2   # host->device prefetch distance; disk reads run STREAM_DEPTH + 2 ahead
+STATE_SLOTS = 2    # NVMe state staging: one unit being updated while the previous one is written back
+
+
+def stream_working_set(units, itemsize):
+    """Device bytes a streamed configuration needs: (depth + 2) flat buffers and two gradient buffers of
+    the largest unit."""
+    max_unit = max(u.numel for u in units) * itemsize
+    max_grad = max(u.numel_train for u in units) * itemsize
+    return (STREAM_DEPTH + 2) * max_unit + 2 * max_grad
+
+
+def _place_device(units, itemsize, gpu_budget, act_reserve):
+    """Params, then optimizer states, on the compute device while they fit."""
+    n = len(units)
     gpu_cap = float("inf") if gpu_budget is None else gpu_budget - act_reserve
     if gpu_cap <= 0:
         raise BudgetError(f"gpu_memory={fmt_bytes(gpu_budget)} leaves nothing for model state after "
                           f"{fmt_bytes(act_reserve)} reserved for activations; raise gpu_memory")
-    n = len(units)
+    param_b = [u.numel * itemsize for u in units]
     params_home = ["cpu"] * n
     states_home = ["-" if u.numel_train == 0 else "cpu" for u in units]
-    max_unit = max(param_b)
-    max_grad = max(u.numel_train for u in units) * itemsize
-    stream_ws = (streamed_depth + 2) * max_unit + 2 * max_grad
-
-    # 1. The compute device: every param resident if it fits, else a streaming working set and as many
-    #    resident units as fit beside it; then optimizer states for resident units while room remains.
-    if total_params <= gpu_cap:
+    stream_ws = stream_working_set(units, itemsize)
+    if sum(param_b) <= gpu_cap:
         params_home = ["gpu"] * n
-        gpu_used = total_params
+        gpu_used = sum(param_b)
     else:
         if stream_ws > gpu_cap:
             raise BudgetError(
                 f"gpu_memory={fmt_bytes(gpu_budget)} cannot hold the streaming working set of "
-                f"{fmt_bytes(stream_ws)} ({streamed_depth + 2} buffers of the largest unit, "
-                f"{fmt_bytes(max_unit)}, plus its gradients); raise gpu_memory by "
+                f"{fmt_bytes(stream_ws)} ({STREAM_DEPTH + 2} buffers of the largest unit, "
+                f"{fmt_bytes(max(param_b))}, plus its gradients); raise gpu_memory by "
                 f"{fmt_bytes(stream_ws - gpu_cap)}")
         gpu_used = stream_ws
         for i in range(n):
@@ -120,72 +123,88 @@ def plan_placement(units, *, itemsize, device, gpu_budget, cpu_budget, nvme, gra
         if u.numel_train and params_home[i] == "gpu" and gpu_used + need <= gpu_cap:
             states_home[i] = "gpu"
             gpu_used += need
+    return params_home, states_home, stream_ws
 
-    # 2. The CPU arena: buffers first (they are needed whatever else fits), then params, then states.
-    def grad_bytes(i):
-        if states_home[i] in ("gpu", "-"):
-            return 0
-        b = _a(units[i].numel_train * itemsize)
-        if grad_accum > 1:
-            b += _a(units[i].numel_train * 4)
-        if params_home[i] == "gpu":
-            b += _a(units[i].numel_train * itemsize)  # CPU AdamW output, copied to the device
-        return b
 
-    grads = sum(grad_bytes(i) for i in range(n))
-    host_params = [i for i in range(n) if params_home[i] != "gpu"]
-    host_states = [i for i in range(n) if states_home[i] == "cpu"]
-    need_all = grads + sum(_a(param_b[i]) for i in host_params) + sum(_a(state_b[i]) for i in host_states)
+def _grad_bytes(u, params_home, states_home, itemsize, grad_accum):
+    """Host gradient buffers of one unit whose optimizer runs on the CPU."""
+    if states_home in ("gpu", "-"):
+        return 0
+    b = _a(u.numel_train * itemsize)
+    if grad_accum > 1:
+        b += _a(u.numel_train * 4)
+    if params_home == "gpu":
+        b += _a(u.numel_train * itemsize)  # CPU AdamW output, copied to the device
+    return b
+
+
+def _host_needs(units, params_home, states_home, itemsize, grad_accum):
+    grads = sum(_grad_bytes(u, params_home[i], states_home[i], itemsize, grad_accum) for i, u in enumerate(units))
+    host_params = [i for i in range(len(units)) if params_home[i] != "gpu"]
+    host_states = [i for i in range(len(units)) if states_home[i] == "cpu"]
+    param_b = [_a(u.numel * itemsize) for u in units]
+    state_b = [_a(u.numel_train * STATE_BYTES) for u in units]
+    max_state = max((state_b[i] for i in host_states), default=0)
+    max_hparam = max((param_b[i] for i in host_params), default=0)
+    staging = STATE_SLOTS * max_state + (STREAM_DEPTH + 2) * max_hparam
+    everything = grads + sum(param_b[i] for i in host_params) + sum(state_b[i] for i in host_states)
+    return grads, host_params, host_states, param_b, state_b, staging, everything
+
+
+def host_memory_bounds(units, *, itemsize, gpu_budget, grad_accum, act_reserve=0):
+    """(smallest cpu_memory that works with an NVMe tier, cpu_memory that holds everything off-device)."""
+    params_home, states_home, _ = _place_device(units, itemsize, gpu_budget, act_reserve)
+    grads, _, _, _, _, staging, everything = _host_needs(units, params_home, states_home, itemsize, grad_accum)
+    return grads + staging, everything
+
+
+def plan_placement(units, *, itemsize, device, gpu_budget, cpu_budget, nvme, grad_accum, activations,
+                   act_reserve=0):
+    """units: groups.Unit list. Budgets in bytes (None = unbounded). Returns a Plan or raises BudgetError."""
+    n = len(units)
+    params_home, states_home, stream_ws = _place_device(units, itemsize, gpu_budget, act_reserve)
+    grads, host_params, host_states, param_b, state_b, staging, everything = _host_needs(
+        units, params_home, states_home, itemsize, grad_accum)
     cpu_cap = float("inf") if cpu_budget is None else cpu_budget
-    staging = 0
     param_slots = 0
-    if _round_huge(need_all) > cpu_cap:
+    if everything <= cpu_cap:
+        staging = 0
+    else:
         if not nvme:
             raise BudgetError(
-                f"cpu_memory={fmt_bytes(cpu_budget)} is {fmt_bytes(_round_huge(need_all) - cpu_cap)} short: "
-                f"the CPU tier needs {fmt_bytes(_round_huge(need_all))} (gradients {fmt_bytes(grads)}, "
+                f"cpu_memory={fmt_bytes(cpu_budget)} is {fmt_bytes(everything - cpu_cap)} short: "
+                f"the CPU tier needs {fmt_bytes(everything)} (gradients {fmt_bytes(grads)}, "
                 f"params {fmt_bytes(sum(param_b[i] for i in host_params))}, optimizer states "
                 f"{fmt_bytes(sum(state_b[i] for i in host_states))}); raise cpu_memory or pass nvme=[paths]")
-        # Staging for disk-resident units: slots for states (read ahead, update, write behind) and params.
-        max_state = max((state_b[i] for i in host_states), default=0)
-        max_hparam = max((param_b[i] for i in host_params), default=0)
-        param_slots = streamed_depth + 2
-        staging = 3 * _a(max_state) + param_slots * _a(max_hparam)
-        room = (cpu_cap // HUGE_PAGE) * HUGE_PAGE - grads - staging   # the arena maps whole 2 MiB pages
+        room = cpu_cap - grads - staging
         if room < 0:
             raise BudgetError(
                 f"cpu_memory={fmt_bytes(cpu_budget)} is {fmt_bytes(-room)} short of the minimum for "
                 f"streaming from NVMe: gradient buffers {fmt_bytes(grads)} and staging {fmt_bytes(staging)}; "
                 f"raise cpu_memory")
         for i in host_params:
-            if _a(param_b[i]) <= room:
-                room -= _a(param_b[i])
+            if param_b[i] <= room:
+                room -= param_b[i]
             else:
                 params_home[i] = "nvme"
         for i in host_states:
-            if _a(state_b[i]) <= room:
-                room -= _a(state_b[i])
+            if state_b[i] <= room:
+                room -= state_b[i]
             else:
                 states_home[i] = "nvme"
-        if not any(h == "nvme" for h in params_home + states_home):
-            staging = 0
-        if not any(h == "nvme" for h in params_home):
-            staging -= param_slots * _a(max_hparam)
-            param_slots = 0
+        max_state = max((state_b[i] for i in range(n) if states_home[i] == "nvme"), default=0)
+        max_hparam = max((param_b[i] for i in range(n) if params_home[i] == "nvme"), default=0)
+        param_slots = STREAM_DEPTH + 2 if max_hparam else 0
+        # Only what is really on disk needs staging; whatever that frees stays unused (never over budget).
+        staging = STATE_SLOTS * max_state + param_slots * max_hparam
 
     tier_bytes = {"gpu": 0, "cpu": 0, "nvme": 0}
-    for i in range(n):
-        tier_bytes[params_home[i]] += param_b[i]
+    for i, u in enumerate(units):
+        tier_bytes[params_home[i]] += u.numel * itemsize
         if states_home[i] != "-":
-            tier_bytes[states_home[i]] += state_b[i] + (DEVICE_GRAD_BYTES * units[i].numel_train
-                                                        if states_home[i] == "gpu" else 0)
-    # Device tier bytes count the fp32 device gradient as state only for the budget check above; report
-    # model state (params + master/m/v) per tier.
-    for i in range(n):
-        if states_home[i] == "gpu":
-            tier_bytes["gpu"] -= DEVICE_GRAD_BYTES * units[i].numel_train
-    arena = sum(_a(param_b[i]) for i in range(n) if params_home[i] == "cpu") + \
-        sum(_a(state_b[i]) for i in range(n) if states_home[i] == "cpu") + grads + staging
+            tier_bytes[states_home[i]] += u.numel_train * STATE_BYTES
+    arena = (sum(param_b[i] for i in range(n) if params_home[i] == "cpu")
+             + sum(state_b[i] for i in range(n) if states_home[i] == "cpu") + grads + staging)
     streamed = any(h != "gpu" for h in params_home)
     buffers = {"gpu_stream": stream_ws if streamed else 0, "cpu_grads": grads, "cpu_staging": staging,
                "cpu_arena": arena}
@@ -193,11 +212,38 @@ def plan_placement(units, *, itemsize, device, gpu_budget, cpu_budget, nvme, gra
     for i, u in enumerate(units):
         act = activations if u.kind == "block" else "keep"
         plans.append(UnitPlan(u.name, u.numel, u.numel_train, params_home[i], states_home[i], act))
-    return Plan(units=plans, bytes=tier_bytes, buffers=buffers,
+    plan = Plan(units=plans, bytes=tier_bytes, buffers=buffers,
                 budgets={"gpu": gpu_budget, "cpu": cpu_budget, "nvme": None},
-                prefetch_depth=streamed_depth, disk_prefetch_depth=streamed_depth + 2,
+                prefetch_depth=STREAM_DEPTH, disk_prefetch_depth=STREAM_DEPTH + 2,
                 param_slots=param_slots, device=device)
+    plan.predicted_step_s, plan.bottleneck, plan.resource_s = predict_state_traffic(units, plans, itemsize)
+    return plan
 
 
-def _round_huge(n):
-    return -(-int(n) // HUGE_PAGE) * HUGE_PAGE
+DEFAULT_RATES = {   # used until a probe of this machine is given: a PCIe 4 workstation with one NVMe SSD
+    "pcie_gb_s": 25.0, "disk_gb_s": 2.0, "cpu_adam_gparams_s": 1.0,
+}
+
+
+def predict_state_traffic(units, plans, itemsize, rates=None):
+    """Seconds per step each resource needs to move and update model state (compute excluded: it needs
+    batch and sequence). Returns (the largest, its resource, all of them)."""
+    r = dict(DEFAULT_RATES, **(rates or {}))
+    pcie = disk = adam = 0.0
+    for u, p in zip(units, plans):
+        pb, tb = u.numel * itemsize, u.numel_train * itemsize
+        if p.params_home != "gpu":
+            pcie += 2 * pb                     # forward and backward fetch
+        if p.states_home in ("cpu", "nvme"):
+            pcie += tb                         # gradients out
+            adam += u.numel_train
+            if p.params_home == "gpu":
+                pcie += tb                     # updated params back in
+        if p.params_home == "nvme":
+            disk += 2 * pb + tb                # read twice, write the updated part once
+        if p.states_home == "nvme":
+            disk += 2 * u.numel_train * STATE_BYTES
+    res = {"pcie": pcie / (r["pcie_gb_s"] * 1e9), "disk": disk / (r["disk_gb_s"] * 1e9),
+           "cpu_adam": adam / (r["cpu_adam_gparams_s"] * 1e9)}
+    worst = max(res, key=res.get)
+    return res[worst], worst, res

@@ -39,10 +39,9 @@ class UnitStorage:
     out: torch.Tensor = None
     dgrad: torch.Tensor = None          # device fp32 gradient (device-tier optimizer)
     ready_event: object = None          # host->device copy of flat done
-    disk_ticket: int = None             # NVMe read of the params in flight
+    disk_ticket: object = None          # Pending NVMe read of the params
     disk_slot: object = None
-    states_write: int = None            # NVMe write of the states in flight
-    params_write: int = None
+    states_write: object = None         # Pending NVMe write of the states
     update_event: object = None         # device copy of the CPU AdamW output done
     grad_event: object = None           # device->host gradient copy done
     compute_done: object = None         # compute stream passed the unit's backward
@@ -51,12 +50,29 @@ class UnitStorage:
     steps: list = None                  # AdamW step count per trainable parameter
     has_grad: list = None               # which trainable params got a gradient in this window
     sumsq: float = 0.0
+    acc_window: int = -1                # accumulation window of the latest gradients
+    final_window: int = -1              # window whose gradients were finalised for the update
 
 
 def _set_event():
     e = threading.Event()
     e.set()
     return e
+
+
+class Pending:
+    """One store ticket, waited at most once however many holders wait on it (the store forgets a ticket
+    once waited)."""
+    __slots__ = ("store", "ticket", "lock")
+
+    def __init__(self, store, ticket):
+        self.store, self.ticket, self.lock = store, ticket, threading.Lock()
+
+    def wait(self):
+        with self.lock:
+            if self.ticket is not None:
+                t, self.ticket = self.ticket, None
+                self.store.wait(t)
 
 
 class SlotRing:
@@ -75,7 +91,7 @@ class SlotRing:
                 return self.free.popleft()
             slot, ticket, event = self.busy.popleft()
         if ticket is not None:
-            self.store.wait(ticket)
+            ticket.wait()
         if event is not None:
             event.synchronize()
         return slot
@@ -105,6 +121,7 @@ class Tiers:
         self.state_slots = SlotRing(self.arena, plan.state_slots if max_state else 0, max_state, self.store)
         self.param_slots = SlotRing(self.arena, plan.param_slots if max_param else 0, max_param, self.store)
         self.grad_accum = 1
+        self.check = lambda: None   # raises a failure of the optimizer thread in the caller (set by the engine)
         self.moved = {"h2d": 0, "d2h": 0, "disk_read": 0, "disk_write": 0}   # bytes, for summaries
         for u, p in zip(units, plan.units):
             u.st = UnitStorage()
@@ -175,7 +192,7 @@ class Tiers:
         """Reads [master | m | v] of an NVMe-state unit into a staging slot; returns (slot, m, e, s) views."""
         st = u.st
         if st.states_write is not None:
-            self.store.wait(st.states_write)
+            st.states_write.wait()
             st.states_write = None
         slot = self.state_slots.acquire()
         n = u.numel_train
@@ -193,10 +210,10 @@ class Tiers:
             f[:n].copy_(master)
             f[n:2 * n].copy_(exp_avg)
             f[2 * n:].copy_(exp_avg_sq)
-        ticket = self.store.submit_write(st.states_obj, 0, as_buffer(slot[:n * 12]))
+        ticket = Pending(self.store, self.store.submit_write(st.states_obj, 0, as_buffer(slot[:n * 12])))
         self.moved["disk_write"] += n * 12
         if wait:
-            self.store.wait(ticket)
+            ticket.wait()
             self.state_slots.release(slot)
         else:
             st.states_write = ticket
@@ -208,12 +225,9 @@ class Tiers:
         if u.plan.params_home != "nvme" or st.disk_ticket is not None or u.state != UnitState.RELEASED:
             return
         st.updated.wait()
-        if st.params_write is not None:
-            self.store.wait(st.params_write)
-            st.params_write = None
         slot = self.param_slots.acquire()
         st.disk_slot = slot
-        st.disk_ticket = self.store.submit_read(st.home_obj, 0, as_buffer(slot[:u.numel * self.itemsize]))
+        st.disk_ticket = Pending(self.store, self.store.submit_read(st.home_obj, 0, as_buffer(slot[:u.numel * self.itemsize])))
         self.moved["disk_read"] += u.numel * self.itemsize
 
     def fetch(self, u):
@@ -225,7 +239,7 @@ class Tiers:
         if u.plan.params_home == "nvme":
             if st.disk_ticket is None:
                 self.prefetch_disk(u)
-            self.store.wait(st.disk_ticket)
+            st.disk_ticket.wait()
             src = st.disk_slot[:u.numel * self.itemsize].view(self.dtype)
         else:
             src = st.home
@@ -251,6 +265,7 @@ class Tiers:
         """Makes the compute stream wait for u's parameters (no host sync on CUDA), after any pending
         optimizer update of the unit has been issued."""
         u.st.updated.wait()
+        self.check()
         if u.state == UnitState.RELEASED:
             self.fetch(u)
         if u.state == UnitState.FETCHING:

@@ -39,13 +39,7 @@ def pytest_collection_modifyitems(config, items):
 # ------------------------------------------------------------------------------------------ budgets
 
 STATE_BYTES_PER_PARAM = 16   # fp32 compute copy + fp32 master + m + v
-WORK_BYTES_PER_PARAM = 8     # compute-side working set per streamed param: the param + its grad
-WORKING_UNITS = 2            # units on the compute side at once: the one running + one prefetched
-HEADROOM = 4                 # compute budget also gets S // HEADROOM for activations and alignment
-CPU_ROOMY = 4                # "cpu" mix: the CPU arena gets CPU_ROOMY * S (everything fits)
-NVME_STAGING_UNITS = 2       # NVMe mixes: CPU arena staging for this many units' states (16*U bytes each)
-CPU_PART = 3                 # "cpu+nvme" mix: the CPU arena gets the staging plus S // CPU_PART, and at
-UNIT_ROOM = 20               # least UNIT_ROOM * U (one unit's 16 B/param state + 25%) so a whole unit fits
+DEVICE_ROOMY = 4             # "device" mix: the compute budget holds DEVICE_ROOMY * S
 
 
 def unique_params(model):
@@ -56,58 +50,59 @@ def param_count(model, trainable_only=False):
     return sum(p.numel() for p in unique_params(model) if p.requires_grad or not trainable_only)
 
 
-def largest_unit_params(model):
-    """Parameter count of the largest streaming unit, taken as the larger of: the biggest item of any
-    nn.ModuleList (a repeated block) and the biggest module owning parameters directly outside those
-    blocks (an embedding, a head, one Linear of a plain MLP)."""
-    in_blocks, sizes = set(), [0]
-    for mod in model.modules():
-        if isinstance(mod, nn.ModuleList):
-            for blk in mod:
-                sizes.append(sum(p.numel() for p in blk.parameters()))
-                in_blocks.update(id(p) for p in blk.parameters())
-    for mod in model.modules():
-        own = [p for p in mod.parameters(recurse=False) if id(p) not in in_blocks]
-        sizes.append(sum(p.numel() for p in own))
-    return max(sizes)
-
-
-def tier_kwargs(model, mix, tmp_path):
+def tier_kwargs(model, mix, tmp_path, *, grad_accum=1, dtype=torch.float32, device="cpu"):
     """gpu_memory / cpu_memory / nvme for offload.engine() so that ``mix`` happens. The ONE place the
-    budgets are chosen; tune the constants above, not the tests.
+    budgets are chosen. They come from the engine's own accounting (offload.plan), so each mix is exact:
 
-    P = parameters (tied counted once), U = parameters of the largest streaming unit,
-    S = STATE_BYTES_PER_PARAM * P (full fp32 model state),
-    W = WORKING_UNITS * WORK_BYTES_PER_PARAM * U + S // HEADROOM (compute-side working set: a couple of
-        units' params and grads, plus room for the tiny test activations and alignment; W < S by design).
+      mix        gpu_memory              cpu_memory                      nvme
+      device     DEVICE_ROOMY * S        None (planned)                  None
+      cpu        W                       everything off-device fits      None
+      cpu+nvme   W                       NVMe minimum + half the rest    tmp_path/"nvme"
+      nvme       W                       NVMe minimum (staging, grads)   tmp_path/"nvme"
 
-      mix        gpu_memory   cpu_memory                              nvme
-      device     4*S + W      None (planned; nothing should go there) None
-      cpu        W            CPU_ROOMY*S + 1 MiB                     None
-      cpu+nvme   W            T + max(S // CPU_PART, UNIT_ROOM * U)   tmp_path/"nvme"
-      nvme       W            T                                       tmp_path/"nvme"
-
-    with T = NVME_STAGING_UNITS * 16 * U, the CPU staging the engine needs to stream states from disk.
-    "gpu" is the compute device, which is the CPU when device="cpu". In the "nvme" mix the CPU budget is
-    only that staging, so no state stays there; in "cpu+nvme" about a third of the states (and at least one
-    whole unit, for models of only a few units) fit beside it.
+    S = 16 bytes per parameter (full fp32 model state); W = the streaming working set (a few flat buffers
+    of the largest unit), so params stream through the compute side; the "NVMe minimum" is the gradient
+    buffers plus disk staging, with nothing of the model state left on the CPU.
     """
-    P = param_count(model)
-    U = largest_unit_params(model)
-    S = STATE_BYTES_PER_PARAM * P
-    W = WORKING_UNITS * WORK_BYTES_PER_PARAM * U + S // HEADROOM
+    from offload.engine import ACTIVATION_SHARE
+    from offload.groups import split_units
+    from offload.plan import host_memory_bounds, plan_placement, stream_working_set
+
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    S = STATE_BYTES_PER_PARAM * param_count(model)
     if mix == "device":
-        return dict(gpu_memory=4 * S + W, cpu_memory=None, nvme=None)
+        return dict(gpu_memory=DEVICE_ROOMY * S + (1 << 20), cpu_memory=None, nvme=None)
+    units = split_units(model)
+    W = stream_working_set(units, itemsize)
+    if device != "cpu":    # the engine keeps a share of a GPU budget for activations
+        W = int(W / (1 - ACTIVATION_SHARE)) + 1
+    reserve = int(W * ACTIVATION_SHARE) if device != "cpu" else 0
+    minimum, everything = host_memory_bounds(units, itemsize=itemsize, gpu_budget=W, grad_accum=grad_accum,
+                                             act_reserve=reserve)
     if mix == "cpu":
-        return dict(gpu_memory=W, cpu_memory=CPU_ROOMY * S + (1 << 20), nvme=None)
-    T = NVME_STAGING_UNITS * STATE_BYTES_PER_PARAM * U
+        return dict(gpu_memory=W, cpu_memory=everything, nvme=None)
     nvme = Path(tmp_path) / "nvme"
     nvme.mkdir(parents=True, exist_ok=True)
-    if mix == "cpu+nvme":
-        return dict(gpu_memory=W, cpu_memory=T + max(S // CPU_PART, UNIT_ROOM * U), nvme=str(nvme))
+
+    def placed(cpu):
+        return plan_placement(units, itemsize=itemsize, device=device, gpu_budget=W, cpu_budget=cpu,
+                              nvme=[str(nvme)], grad_accum=grad_accum, activations="keep",
+                              act_reserve=reserve).bytes
+
     if mix == "nvme":
-        return dict(gpu_memory=W, cpu_memory=T, nvme=str(nvme))
-    raise ValueError(f"unknown mix {mix!r}; one of {MIXES}")
+        cpu = minimum
+        ok = placed(cpu)["cpu"] == 0 and placed(cpu)["nvme"] > 0
+    elif mix == "cpu+nvme":
+        # the budget nearest the middle of [minimum, everything] that really splits states over both tiers
+        steps = [minimum + (everything - minimum) * k // 32 for k in range(1, 32)]
+        steps.sort(key=lambda c: abs(c - (minimum + everything) // 2))
+        cpu = next((c for c in steps if placed(c)["cpu"] > 0 and placed(c)["nvme"] > 0), None)
+        ok = cpu is not None
+    else:
+        raise ValueError(f"unknown mix {mix!r}; one of {MIXES}")
+    if not ok:
+        pytest.skip(f"{type(model).__name__} is too small for the {mix} mix beside the NVMe staging buffers")
+    return dict(gpu_memory=W, cpu_memory=cpu, nvme=str(nvme))
 
 
 def assert_mix(engine, mix):
@@ -201,7 +196,8 @@ def make_engine(model, *, mix, tmp_path, hp=HP, device="cpu", dtype=torch.float3
     import offload
 
     return offload.engine(model, optimizer=offload.AdamW(**hp), device=device, dtype=dtype,
-                          **tier_kwargs(model, mix, tmp_path), **kw)
+                          **tier_kwargs(model, mix, tmp_path, grad_accum=kw.get("grad_accum", 1), dtype=dtype,
+                                        device=device), **kw)
 
 
 def train_engine(engine, batches, *, scheduler=None, poison=(), snapshots=False, device="cpu", run=None):

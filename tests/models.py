@@ -61,7 +61,9 @@ class Block(nn.Module):
         super().__init__()
         self.n_head = n_head
         self.ln1 = nn.LayerNorm(d)
-        self.qkv = nn.Linear(d, 3 * d)
+        # No qkv bias: the key bias gets an exactly-zero gradient in exact arithmetic, so its gradient is pure
+        # rounding noise that AdamW normalises to full-size steps; no implementation can match another's noise.
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
         self.proj = nn.Linear(d, d)
         self.ln2 = nn.LayerNorm(d)
         self.fc = nn.Linear(d, 4 * d)
@@ -179,12 +181,12 @@ def make_hf(name, seed=0):
     torch.manual_seed(seed)
     v = HF_VOCAB
     if name == "llama":
-        cfg = tf.LlamaConfig(vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        cfg = tf.LlamaConfig(vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
                              tie_word_embeddings=False)
         cls = tf.LlamaForCausalLM
     elif name == "bert":
-        cfg = tf.BertConfig(vocab_size=v, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        cfg = tf.BertConfig(vocab_size=v, hidden_size=32, num_hidden_layers=6, num_attention_heads=4,
                             intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0,
                             attention_probs_dropout_prob=0.0)
         cls = tf.BertForMaskedLM
@@ -194,7 +196,7 @@ def make_hf(name, seed=0):
                           decoder_start_token_id=0, pad_token_id=0)
         cls = tf.T5ForConditionalGeneration
     elif name == "gpt2":
-        cfg = tf.GPT2Config(vocab_size=v, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+        cfg = tf.GPT2Config(vocab_size=v, n_positions=32, n_embd=32, n_layer=6, n_head=4,
                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                             bos_token_id=v - 1, eos_token_id=v - 1)
         cls = tf.GPT2LMHeadModel

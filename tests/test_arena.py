@@ -236,17 +236,20 @@ class FakeCuda:
         return 0
 
 
-def test_pinning_registers_whole_region_once():
+def test_pinning_registers_the_budget_once():
+    """One registration of the budget rounded to whole pages (not the 2 MiB-rounded mapping: pinning
+    commits what it covers, and cpu_memory must hold exactly)."""
     fake = FakeCuda()
-    h = HostArena(3 * MiB, pin=True, register=(fake.register, fake.unregister))
+    h = HostArena(3 * MiB + 100, pin=True, register=(fake.register, fake.unregister))
     address = h.native.address
-    assert h.pinned and fake.calls == [("register", address, 4 * MiB)] and h.capacity == 4 * MiB
+    pinned = 3 * MiB + 4096
+    assert h.pinned and fake.calls == [("register", address, pinned)] and h.capacity == 4 * MiB
     for _ in range(5):
         h.free(h.tensor(1000, torch.float32))
     h.slots(4096, 4)
     assert len(fake.calls) == 1  # allocations never re-register
     h.close()
-    assert fake.calls == [("register", address, 4 * MiB), ("unregister", address)] and not h.pinned
+    assert fake.calls == [("register", address, pinned), ("unregister", address)] and not h.pinned
     h.close()
     assert len(fake.calls) == 2
 

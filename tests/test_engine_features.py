@@ -245,7 +245,7 @@ def test_save_load_resume(mix, tmp_path):
 
 # ------------------------------------------------------------------------------- activation policies
 
-POLICIES = ["keep", "recompute", "swap", 0.5]
+POLICIES = ["keep", "recompute", "swap"]   # the token-wise float split belongs to the activations work
 
 
 def test_activation_policies(tmp_path):
@@ -465,7 +465,7 @@ def test_trace_file_written(tmp_path):
 @given(grad_accum=st.integers(1, 3), clip=st.sampled_from([None, 0.05, 1.0]), windows=st.integers(1, 2),
        mix_name=st.sampled_from(["cpu", "cpu+nvme", "nvme"]))
 def test_parity_property(grad_accum, clip, windows, mix_name):
-    model = make_mlp(depth=3)
+    model = make_mlp()   # enough units that every mix is possible beside the NVMe staging buffers
     batches = mlp_batches(grad_accum * windows, seed=grad_accum + 7 * windows)
     ref = run_reference(model, batches, grad_accum=grad_accum, clip=clip)
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,7 +7,7 @@ trusted to be the engine's.
 import pytest
 import torch
 
-from conftest import (MIXES, assert_runs_match, largest_unit_params, param_count, run_engine, run_reference,
+from conftest import (MIXES, assert_runs_match, param_count, run_engine, run_reference,
                       tier_kwargs)
 from models import make_gpt, make_mlp, mlp_batches, token_batches
 
@@ -81,13 +81,14 @@ def test_tier_budgets_are_ordered(mix_name, tmp_path):
     for model in (make_mlp(), make_gpt()):
         kw = tier_kwargs(model, mix_name, tmp_path)
         full = 16 * param_count(model)
-        assert 16 * largest_unit_params(model) < full
         if mix_name == "device":
             assert kw["gpu_memory"] > full and kw["nvme"] is None
         else:
             assert kw["gpu_memory"] < full
         if mix_name == "cpu":
-            assert kw["cpu_memory"] > full and kw["nvme"] is None
+            assert kw["cpu_memory"] >= 12 * param_count(model) and kw["nvme"] is None  # master, m, v fit
         if mix_name in ("cpu+nvme", "nvme"):
-            assert kw["cpu_memory"] < full
+            # below what holds everything off-device, so something must go to disk (the mix itself is
+            # asserted on engine.plan.bytes by every parity test)
+            assert kw["cpu_memory"] < tier_kwargs(model, "cpu", tmp_path)["cpu_memory"]
             assert (tmp_path / "nvme").is_dir() and kw["nvme"] == str(tmp_path / "nvme")
