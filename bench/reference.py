@@ -257,6 +257,9 @@ def main():
             out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
             out += "\nTIMEOUT"
         print("\n".join(out.splitlines()[-40:]), flush=True)
+        if os.environ.get("OUT"):
+            with open(os.path.join(os.environ["OUT"], f"{a.bench}-{system}.log"), "w") as f:
+                f.write(out)
         res = next((json.loads(l[7:]) for l in out.splitlines() if l.startswith("RESULT ")), None)
         if res is None:
             record({"bench": a.bench, "system": system, "status": "failed",

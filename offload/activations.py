@@ -57,8 +57,12 @@ class RecomputeScope:
         saved = []
 
         def capture(t):
-            saved.append(t)
-            return t
+            # Keep a detached alias, and give the recomputed graph nothing: it is never differentiated, and
+            # it saves some of its ops' own outputs; holding those (with their grad_fn) in it would make a
+            # reference cycle through autograd's C++ graph that Python's GC cannot break, leaking every
+            # recomputed block's activations each step.
+            saved.append(t.detach())
+            return None
 
         def detach(x):
             return x.detach().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x
@@ -72,7 +76,7 @@ class RecomputeScope:
             autocast = (torch.autocast(self.autocast[0], dtype=self.autocast[1]) if self.autocast
                         else _Null())
             with torch.enable_grad(), autocast, self.on_recompute(), \
-                    torch.autograd.graph.saved_tensors_hooks(capture, lambda t: t):
+                    torch.autograd.graph.saved_tensors_hooks(capture, _never_unpacked):
                 self.module(*args, **kwargs)
         if len(saved) != self.count:
             raise RuntimeError(f"recompute of {type(self.module).__name__} saved {len(saved)} tensors where the "
@@ -80,6 +84,11 @@ class RecomputeScope:
                                f"use activations='keep' or 'swap' for it")
         self.saved = saved
         self.args = self.kwargs = None
+
+
+def _never_unpacked(_):
+    raise RuntimeError("offload: a recomputed block's own graph was differentiated; it is only a source of "
+                       "saved tensors")
 
 
 class SwapScope:

@@ -19,7 +19,7 @@ from .sizes import parse_size
 from .stream import Streamer
 from .tiers import Tiers
 
-ACTIVATION_SHARE = 0.3   # of gpu_memory, on CUDA, kept free for activations and temporaries
+ACTIVATION_SHARE = 0.5   # of gpu_memory, on CUDA, kept free for activations and temporaries
 
 
 def engine(model, *, optimizer=None, device=None, dtype=None, gpu_memory=None, cpu_memory=None, nvme=None,
@@ -107,6 +107,11 @@ class Engine:
         nvme_paths = _check_nvme(nvme)
 
         self.module = model
+        config = getattr(model, "config", None)
+        if getattr(config, "use_cache", False):
+            # A key/value cache is for generation; in training it would also be appended to again when a
+            # block is recomputed (Hugging Face turns it off for gradient checkpointing for the same reason).
+            config.use_cache = False
         self.optimizer = optimizer
         self.grad_accum = grad_accum
         self.clip_grad_norm = clip_grad_norm

@@ -84,12 +84,12 @@ STREAM_DEPTH = 2   # host->device prefetch distance; disk reads run STREAM_DEPTH
 STATE_SLOTS = 2    # NVMe state staging: one unit being updated while the previous one is written back
 
 
-def stream_working_set(units, itemsize):
-    """Device bytes a streamed configuration needs: (depth + 2) flat buffers and two gradient buffers of
-    the largest unit."""
+def stream_working_set(units, itemsize, depth=STREAM_DEPTH):
+    """Device bytes a streamed configuration needs: (depth + 2) flat buffers (the unit computing, `depth`
+    prefetched, one being released) and two gradient buffers of the largest unit."""
     max_unit = max(u.numel for u in units) * itemsize
     max_grad = max(u.numel_train for u in units) * itemsize
-    return (STREAM_DEPTH + 2) * max_unit + 2 * max_grad
+    return (depth + 2) * max_unit + 2 * max_grad
 
 
 def _place_device(units, itemsize, gpu_budget, act_reserve):
@@ -102,7 +102,11 @@ def _place_device(units, itemsize, gpu_budget, act_reserve):
     param_b = [u.numel * itemsize for u in units]
     params_home = ["cpu"] * n
     states_home = ["-" if u.numel_train == 0 else "cpu" for u in units]
-    stream_ws = stream_working_set(units, itemsize)
+    depth = STREAM_DEPTH
+    stream_ws = stream_working_set(units, itemsize, depth)
+    if stream_ws > gpu_cap:   # a tight budget: prefetch one unit ahead instead of two
+        depth = 1
+        stream_ws = stream_working_set(units, itemsize, depth)
     if sum(param_b) <= gpu_cap:
         params_home = ["gpu"] * n
         gpu_used = sum(param_b)
@@ -110,7 +114,7 @@ def _place_device(units, itemsize, gpu_budget, act_reserve):
         if stream_ws > gpu_cap:
             raise BudgetError(
                 f"gpu_memory={fmt_bytes(gpu_budget)} cannot hold the streaming working set of "
-                f"{fmt_bytes(stream_ws)} ({STREAM_DEPTH + 2} buffers of the largest unit, "
+                f"{fmt_bytes(stream_ws)} ({depth + 2} buffers of the largest unit, "
                 f"{fmt_bytes(max(param_b))}, plus its gradients); raise gpu_memory by "
                 f"{fmt_bytes(stream_ws - gpu_cap)}")
         gpu_used = stream_ws
@@ -123,7 +127,7 @@ def _place_device(units, itemsize, gpu_budget, act_reserve):
         if u.numel_train and params_home[i] == "gpu" and gpu_used + need <= gpu_cap:
             states_home[i] = "gpu"
             gpu_used += need
-    return params_home, states_home, stream_ws
+    return params_home, states_home, stream_ws, depth
 
 
 def _grad_bytes(u, params_home, states_home, itemsize, grad_accum):
@@ -153,7 +157,7 @@ def _host_needs(units, params_home, states_home, itemsize, grad_accum):
 
 def host_memory_bounds(units, *, itemsize, gpu_budget, grad_accum, act_reserve=0):
     """(smallest cpu_memory that works with an NVMe tier, cpu_memory that holds everything off-device)."""
-    params_home, states_home, _ = _place_device(units, itemsize, gpu_budget, act_reserve)
+    params_home, states_home, _, _ = _place_device(units, itemsize, gpu_budget, act_reserve)
     grads, _, _, _, _, staging, everything = _host_needs(units, params_home, states_home, itemsize, grad_accum)
     return grads + staging, everything
 
@@ -162,7 +166,7 @@ def plan_placement(units, *, itemsize, device, gpu_budget, cpu_budget, nvme, gra
                    act_reserve=0):
     """units: groups.Unit list. Budgets in bytes (None = unbounded). Returns a Plan or raises BudgetError."""
     n = len(units)
-    params_home, states_home, stream_ws = _place_device(units, itemsize, gpu_budget, act_reserve)
+    params_home, states_home, stream_ws, depth = _place_device(units, itemsize, gpu_budget, act_reserve)
     grads, host_params, host_states, param_b, state_b, staging, everything = _host_needs(
         units, params_home, states_home, itemsize, grad_accum)
     cpu_cap = float("inf") if cpu_budget is None else cpu_budget
@@ -214,7 +218,7 @@ def plan_placement(units, *, itemsize, device, gpu_budget, cpu_budget, nvme, gra
         plans.append(UnitPlan(u.name, u.numel, u.numel_train, params_home[i], states_home[i], act))
     plan = Plan(units=plans, bytes=tier_bytes, buffers=buffers,
                 budgets={"gpu": gpu_budget, "cpu": cpu_budget, "nvme": None},
-                prefetch_depth=STREAM_DEPTH, disk_prefetch_depth=STREAM_DEPTH + 2,
+                prefetch_depth=depth, disk_prefetch_depth=depth + 2,
                 param_slots=param_slots, device=device)
     plan.predicted_step_s, plan.bottleneck, plan.resource_s = predict_state_traffic(units, plans, itemsize)
     return plan

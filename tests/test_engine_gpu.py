@@ -19,12 +19,14 @@ GPU_HP = dict(HP, lr=5e-3)
 STEPS = 5
 
 # bf16 tolerances. The reference (fp32 weights, bf16 autocast, torch.optim.AdamW) and the engine (bf16
-# streamed weights, fp32 master and moments) round differently, so: losses within rel 2e-2; final fp32
-# master weights within 1e-2 of the reference scaled by max(1, |w|max); and the weight updates (final -
-# initial, all params flattened) pointing the same way, cosine > UPDATE_COSINE, which a dropped, doubled
-# or stale update would fail although the elementwise bound passes.
+# streamed weights, fp32 master and moments) round differently. Elementwise bounds on the weights do not
+# work for AdamW: an element whose gradient is near zero takes full-size steps in the direction of its
+# rounding noise, so single elements legitimately differ by several steps (seen: 0.016 after 5 steps at lr
+# 5e-3). What must hold: losses within rel 2e-2; per parameter, the update (final - initial) within
+# UPDATE_REL_ERR of the reference's in L2; and over all parameters the updates pointing the same way,
+# cosine > UPDATE_COSINE, which a dropped, doubled or stale update fails.
 LOSS_RTOL = 2e-2
-STATE_ATOL = 1e-2
+UPDATE_REL_ERR = 0.35
 UPDATE_COSINE = 0.9
 
 
@@ -40,9 +42,9 @@ def assert_bf16_close(got, ref, model):
     for k in keys:
         g, r = got.state[k], ref.state[k]
         assert g.dtype == torch.float32 and g.device.type == "cpu", (k, g.dtype, g.device)
-        scale = max(1.0, r.abs().max().item())
-        err = (g - r).abs().max().item()
-        assert err <= STATE_ATOL * scale, f"{k}: max |engine - reference| = {err:.3g} > {STATE_ATOL * scale:.3g}"
+        du_g, du_r = g - init[k], r - init[k]
+        rel = ((du_g - du_r).norm() / du_r.norm().clamp_min(1e-12)).item()
+        assert rel <= UPDATE_REL_ERR, f"{k}: update differs from the reference's by {rel:.3f} (L2, relative)"
     du_g, du_r = _flat_update(got.state, init, keys), _flat_update(ref.state, init, keys)
     cos = torch.nn.functional.cosine_similarity(du_g, du_r, dim=0).item()
     assert cos > UPDATE_COSINE, f"engine and reference updates disagree in direction: cosine {cos:.3f}"
