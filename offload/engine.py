@@ -19,7 +19,7 @@ from .sizes import parse_size
 from .stream import Streamer
 from .tiers import Tiers
 
-ACTIVATION_SHARE = 0.5   # of gpu_memory, on CUDA, kept free for activations and temporaries
+ACTIVATION_SHARE = 0.4   # of gpu_memory, on CUDA, kept free for activations and temporaries
 
 
 def engine(model, *, optimizer=None, device=None, dtype=None, gpu_memory=None, cpu_memory=None, nvme=None,

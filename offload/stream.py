@@ -23,6 +23,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 from .activations import RecomputeScope, SwapScope
 from .groups import UnitState
 
+AUTO_HEADROOM = 0.25   # of the device budget, left for the head, the loss and backward when "auto" keeps
+AUTO_SAFETY = 0.05     # of the device budget, never planned into when converting blocks back to "keep"
+
 
 class _PostBackward(torch.autograd.Function):
     @staticmethod
@@ -62,6 +65,7 @@ class Streamer:
         self.backward_callback_queued = False
         self.act_decided = {}  # unit index -> policy chosen by "auto"
         self.act_peak = 0
+        self.act_adjusted = False
         self.param_storages = set()
 
     # ---- installation ---------------------------------------------------------------------------------
@@ -127,6 +131,7 @@ class Streamer:
             self.tiers.release(u)
         self.phase = "idle"
         self.backward_callback_queued = False
+        self.adjust_after_first_step()
 
     # ---- acquisition and prefetch ------------------------------------------------------------------------
     def _acquire(self, u, phase):
@@ -209,16 +214,35 @@ class Streamer:
             return "keep"
         if u.index in self.act_decided:
             return self.act_decided[u.index]
-        # Keep while the blocks still to come would fit with what has been kept so far.
+        # Keep while the blocks still to come would fit with what has been kept so far, leaving headroom
+        # for what runs after the blocks (the head, the loss, backward's own buffers). Once a block is
+        # recomputed, the rest are too: keeping the last blocks instead is decided after the first step,
+        # from its measured peak (adjust_after_first_step).
         remaining = sum(1 for v in self.units if v.kind == "block" and v.index >= u.index)
         budget = self.plan.budgets.get("gpu")
         used = torch.cuda.memory_allocated(self.device)
         choice = "keep"
-        if budget is not None and self.act_peak and used + remaining * self.act_peak > budget:
+        if "recompute" in self.act_decided.values():
+            choice = "recompute"
+        elif budget is not None and self.act_peak and \
+                used + remaining * self.act_peak + AUTO_HEADROOM * budget > budget:
             choice = "recompute"
         if self.act_peak or choice == "recompute":
             self.act_decided[u.index] = choice
         return choice if choice == "recompute" else "auto"
+
+    def adjust_after_first_step(self):
+        """"auto" after the first step: the memory left under the budget at that step's peak lets the last
+        recomputed blocks keep their activations instead (they are the first ones backward needs)."""
+        budget = self.plan.budgets.get("gpu")
+        if not self.cuda or budget is None or not self.act_peak or self.act_adjusted:
+            return
+        self.act_adjusted = True
+        spare = int(budget * (1 - AUTO_SAFETY)) - torch.cuda.max_memory_allocated(self.device)
+        n = max(0, spare // self.act_peak)
+        recomputed = sorted((i for i, p in self.act_decided.items() if p == "recompute"), reverse=True)
+        for i in recomputed[:n]:
+            self.act_decided[i] = "keep"
 
     def _recompute_ctx(self):
         streamer = self
