@@ -25,6 +25,8 @@ def run_id():
 
 
 def commit():
+    if os.environ.get("OFFLOAD_COMMIT"):   # a copy of the tree without .git (the GPU machine) is told its commit
+        return os.environ["OFFLOAD_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
