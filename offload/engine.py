@@ -17,7 +17,8 @@ from .plan import plan_placement
 from .profiler import Profiler
 from .sizes import parse_size
 from .stream import Streamer
-from .tiers import Tiers
+from .tiers import KIND_D2H, KIND_OPTIM, Tiers
+from ._native import now_ns
 
 ACTIVATION_SHARE = 0.4   # of gpu_memory, on CUDA, kept free for activations and temporaries
 
@@ -128,7 +129,10 @@ class Engine:
             self._check_disk_space(nvme_paths)
         self.profiler = Profiler(trace) if trace else None
         self.tiers = Tiers(self.units, self.plan, device=self.device, dtype=self.dtype, nvme=nvme_paths,
-                           trace=self.profiler.ring if self.profiler else None)
+                           trace=self.profiler)
+        if self.profiler:
+            for u in self.units:
+                self.profiler.name_unit(u.index, u.name)
         self._closed = False
         try:
             self._setup()
@@ -218,6 +222,7 @@ class Engine:
         if final:
             st.final_window = self.window
         trainable = [s for s in u.slots if s.trainable]
+        t_gather = now_ns() if self.profiler else 0
         views, grads = [], []
         target = st.dgrad if u.plan.states_home == "gpu" else None
         if target is None:
@@ -247,6 +252,8 @@ class Engine:
         if u.plan.states_home == "gpu":
             return
         tiers.moved["d2h"] += u.numel_train * tiers.itemsize
+        if self.profiler:
+            self.profiler.record(KIND_D2H, u.index, u.numel_train * tiers.itemsize, t_gather)
         ev = None
         if tiers.cuda:
             st.compute_done = torch.cuda.Event()
@@ -289,7 +296,13 @@ class Engine:
             self._poisoned = True
             self._finish_unit(u)
             return
-        self.unit_opt.update_host(u, g, hyper, 1.0)
+        self._update_host(u, g, hyper, 1.0)
+
+    def _update_host(self, u, g, hyper, scale):
+        t0 = now_ns() if self.profiler else 0
+        self.unit_opt.update_host(u, g, hyper, scale)
+        if self.profiler:
+            self.profiler.record(KIND_OPTIM, u.index, u.numel_train * 16, t0)
         self._finish_unit(u)
 
     def _unblock_all(self):
@@ -342,8 +355,7 @@ class Engine:
                 self._finish_unit(u)
             for u in host:     # forward order: the next forward waits for each unit's own update only
                 g = u.st.acc if self.grad_accum > 1 else u.st.grad
-                self.worker.submit(lambda u=u, g=g: (self.unit_opt.update_host(u, g, hyper, scale),
-                                                     self._finish_unit(u)))
+                self.worker.submit(lambda u=u, g=g: self._update_host(u, g, hyper, scale))
             self.steps_applied += 1
             return True
         # eager: host units were updated as their gradients landed (Note [update modes]).

@@ -1,9 +1,11 @@
 """Records the spans of a run (trace=PATH) and writes them as Chrome trace-event JSON (opens in Perfetto
 and chrome://tracing), one lane per resource.
 
-Native producers (the store's disk reads and writes) and Python (unit compute, optimizer updates) write
-into one lock-free TraceRing on one clock (CLOCK_MONOTONIC); this drains it at every flush. Compute spans
-are host-side on a GPU (enqueue to completion of the Python hooks), so on CUDA they show the host's view.
+Native producers (the store's disk reads and writes, tagged with the unit) and Python (unit compute,
+host<->device copies, optimizer updates, waits) write into one lock-free TraceRing on one clock
+(CLOCK_MONOTONIC); this drains it at every flush. Compute and copy spans are host-side: on a GPU they show
+when the host issued the work (CUDA-event timing is the timeline work's next step); "wait" spans are where
+the host stalled on a transfer or an optimizer update, which on a GPU is where compute can starve.
 """
 import json
 import os
@@ -30,6 +32,10 @@ class Profiler:
 
     def name_unit(self, tag, name):
         self.names[int(tag)] = name
+
+    def record(self, kind, unit, nbytes, t_start):
+        """One span from t_start (now_ns()) to now."""
+        self.ring.record(kind, unit, nbytes, t_start, _native.now_ns())
 
     @contextmanager
     def span(self, kind, unit, nbytes=0):

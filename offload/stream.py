@@ -21,8 +21,10 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .activations import RecomputeScope, SwapScope
+from ._native import now_ns, trace_kind
 from .groups import UnitState
 
+KIND_COMPUTE = trace_kind.COMPUTE
 AUTO_HEADROOM = 0.25   # of the device budget, left for the head, the loss and backward when "auto" keeps
 AUTO_SAFETY = 0.05     # of the device budget, never planned into when converting blocks back to "keep"
 
@@ -40,7 +42,7 @@ class _PostBackward(torch.autograd.Function):
 
 
 class _Call:
-    __slots__ = ("streamer", "unit", "started", "done", "scope")
+    __slots__ = ("streamer", "unit", "started", "done", "scope", "t0")
 
     def __init__(self, streamer, unit):
         self.streamer, self.unit = streamer, unit
@@ -162,6 +164,8 @@ class Streamer:
             self.begin_forward()
         self._acquire(u, "forward")
         call = _Call(self, u)
+        if self.profiler:
+            call.t0 = now_ns()
         self.calls.setdefault(u.index, []).append(call)
         if torch.is_grad_enabled():
             flat, spec = tree_flatten((args, kwargs))
@@ -186,6 +190,8 @@ class Streamer:
     def _post_forward(self, u, output):
         calls = self.calls[u.index]
         call = calls[-1]
+        if self.profiler:
+            self.profiler.record(KIND_COMPUTE, u.index, 0, call.t0)
         if call.scope is not None:
             call.scope.hooks.__exit__(None, None, None)
         if self._policy(u) == "auto" and self.cuda and "mem_before" in u.extra:
@@ -268,6 +274,8 @@ class Streamer:
             torch.autograd.Variable._execution_engine.queue_callback(self.end_backward)
         call.started = True
         self._acquire(call.unit, "backward")
+        if self.profiler:
+            call.t0 = now_ns()
 
     def call_backward_done(self, call):
         if call.done:
@@ -275,6 +283,8 @@ class Streamer:
         call.done = True
         u = call.unit
         if call.started:
+            if self.profiler:
+                self.profiler.record(KIND_COMPUTE, u.index, 0, call.t0)
             self._unuse(u)
         if all(c.done for c in self.calls.get(u.index, ())):
             self._unit_backward_complete(u)

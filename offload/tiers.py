@@ -20,9 +20,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import _native
 from .arena import HostArena
 from .groups import UnitState
 from .store import as_buffer, open_store
+
+
+_now = _native.now_ns
+KIND_H2D, KIND_D2H, KIND_OPTIM, KIND_WAIT = (_native.trace_kind.H2D, _native.trace_kind.D2H,
+                                             _native.trace_kind.OPTIM, _native.trace_kind.WAIT)
 
 
 @dataclass(eq=False)
@@ -114,7 +120,8 @@ class Tiers:
         arena_bytes = plan.arena_bytes
         self.arena = HostArena(max(arena_bytes, 4096), pin=self.cuda) if arena_bytes else None
         uses_disk = any(p.params_home == "nvme" or p.states_home == "nvme" for p in plan.units)
-        self.store = open_store(nvme, queue_depth=32, trace=trace) if uses_disk else None
+        self.prof = trace   # a profiler.Profiler or None
+        self.store = open_store(nvme, queue_depth=32, trace=trace.ring if trace else None) if uses_disk else None
         max_state = max((u.numel_train * 12 for u, p in zip(units, plan.units) if p.states_home == "nvme"), default=0)
         max_param = max((u.numel * self.itemsize for u, p in zip(units, plan.units) if p.params_home == "nvme"),
                         default=0)
@@ -197,7 +204,7 @@ class Tiers:
         slot = self.state_slots.acquire()
         n = u.numel_train
         buf = slot[:n * 12]
-        self.store.wait(self.store.submit_read(st.states_obj, 0, as_buffer(buf)))
+        self.store.wait(self.store.submit_read(st.states_obj, 0, as_buffer(buf), tag=u.index))
         self.moved["disk_read"] += n * 12
         f = buf.view(torch.float32)
         return slot, f[:n], f[n:2 * n], f[2 * n:]
@@ -210,7 +217,7 @@ class Tiers:
             f[:n].copy_(master)
             f[n:2 * n].copy_(exp_avg)
             f[2 * n:].copy_(exp_avg_sq)
-        ticket = Pending(self.store, self.store.submit_write(st.states_obj, 0, as_buffer(slot[:n * 12])))
+        ticket = Pending(self.store, self.store.submit_write(st.states_obj, 0, as_buffer(slot[:n * 12]), tag=u.index))
         self.moved["disk_write"] += n * 12
         if wait:
             ticket.wait()
@@ -227,7 +234,8 @@ class Tiers:
         st.updated.wait()
         slot = self.param_slots.acquire()
         st.disk_slot = slot
-        st.disk_ticket = Pending(self.store, self.store.submit_read(st.home_obj, 0, as_buffer(slot[:u.numel * self.itemsize])))
+        st.disk_ticket = Pending(self.store, self.store.submit_read(st.home_obj, 0, as_buffer(slot[:u.numel * self.itemsize]),
+                                                                    tag=u.index))
         self.moved["disk_read"] += u.numel * self.itemsize
 
     def fetch(self, u):
@@ -235,6 +243,7 @@ class Tiers:
         if u.state != UnitState.RELEASED:
             return
         st = u.st
+        t0 = _now() if self.prof else 0
         st.updated.wait()      # the optimizer must have written this unit's new values first
         if u.plan.params_home == "nvme":
             if st.disk_ticket is None:
@@ -243,6 +252,9 @@ class Tiers:
             src = st.disk_slot[:u.numel * self.itemsize].view(self.dtype)
         else:
             src = st.home
+        if self.prof:
+            self.prof.record(KIND_WAIT, u.index, 0, t0)
+            t0 = _now()
         storage = st.flat.untyped_storage()
         self.moved["h2d"] += u.numel * self.itemsize
         if self.cuda:
@@ -256,6 +268,8 @@ class Tiers:
             storage.resize_(u.numel * self.itemsize)
             st.flat.copy_(src)
             ev = None
+        if self.prof:
+            self.prof.record(KIND_H2D, u.index, u.numel * self.itemsize, t0)
         if u.plan.params_home == "nvme":
             self.param_slots.release(st.disk_slot, event=ev)
             st.disk_slot = st.disk_ticket = None
@@ -264,6 +278,10 @@ class Tiers:
     def wait_ready(self, u):
         """Makes the compute stream wait for u's parameters (no host sync on CUDA), after any pending
         optimizer update of the unit has been issued."""
+        if self.prof and not u.st.updated.is_set():
+            t0 = _now()
+            u.st.updated.wait()
+            self.prof.record(KIND_WAIT, u.index, 0, t0)
         u.st.updated.wait()
         self.check()
         if u.state == UnitState.RELEASED:
