@@ -1,5 +1,5 @@
-"""Command line: `offload train` (and `python -m offload train`). Errors in the user's input print one
-line and exit 2, with no traceback."""
+"""Command line: `offload train` and `offload timeline` (also as `python -m offload ...`). Errors in the
+user's input print one line and exit 2, with no traceback."""
 import argparse
 import json
 import logging
@@ -162,10 +162,36 @@ def cmd_train(args):
     return 0
 
 
+def _timeline_parser(sub):
+    p = sub.add_parser("timeline", help="summarise and draw a trace written with --trace / trace=PATH")
+    p.add_argument("trace", help="a trace file (Chrome trace-event JSON); a truncated one is read up to its last event")
+    p.add_argument("-o", "--output", default="timeline.png", help="PNG to draw (default timeline.png)")
+    p.add_argument("--html", default=None, help="also write a self-contained HTML page with a step selector")
+    p.add_argument("--step", type=int, default=None, help="draw only this step's spans (events with args.step)")
+    p.set_defaults(func=cmd_timeline)
+
+
+def cmd_timeline(args):
+    from . import timeline
+
+    events = timeline.load_trace(args.trace)
+    if args.step is not None:  # fail on a wrong --step before printing anything
+        timeline.select_step(timeline.spans(events), args.step)
+    summary = timeline.summarize(events)
+    print(timeline.format_summary(summary))
+    timeline.draw_png(events, args.output, step=args.step)
+    print(f"\nwrote {args.output}")
+    if args.html:
+        timeline.write_html(events, args.html)
+        print(f"wrote {args.html}")
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="offload", description="Fine-tune models larger than GPU memory.")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    _timeline_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
