@@ -20,7 +20,6 @@ Limitations: the manifest itself is not authenticated (someone who can write the
 consistent manifest); members are checked before they are opened, not through the same fd (a writer racing
 load() inside the directory is out of scope).
 """
-import errno
 import hashlib
 import json
 import os
@@ -113,7 +112,7 @@ def save(engine, directory):
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
     os.makedirs(tmp, mode=0o700)
-    os.chmod(tmp, 0o700)                # makedirs' mode is masked by the umask only downward; be exact
+    os.chmod(tmp, 0o700)                # makedirs' mode passes through the umask; the result must be exactly 0700
     try:
         _write_tmp(engine, tmp)
     except BaseException:
@@ -127,7 +126,7 @@ def save(engine, directory):
     try:
         os.rename(tmp, directory)
     except BaseException:
-        if old:
+        if old:                         # put the previous checkpoint back where load() looks first
             os.rename(old, directory)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
