@@ -15,6 +15,7 @@ the host->device stream; before the storage is freed it is recorded on the compu
 allocator cannot hand the block out again while compute kernels that read it are still queued.
 """
 import threading
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -125,6 +126,14 @@ class Tiers:
         max_state = max((u.numel_train * 12 for u, p in zip(units, plan.units) if p.states_home == "nvme"), default=0)
         max_param = max((u.numel * self.itemsize for u, p in zip(units, plan.units) if p.params_home == "nvme"),
                         default=0)
+        if self.store is not None and self.arena is not None and self.store.backend == "io_uring":
+            # Fixed buffers: io_uring then skips pinning/mapping each page of every request. The arena is one
+            # region, so one registration covers every slot and home; refusal (RLIMIT_MEMLOCK) only costs
+            # that speed-up, and plain reads and writes are used.
+            region = self.arena.native.region(0, self.arena.budget)
+            if not self.store.register_buffer(region):
+                warnings.warn("offload: io_uring could not register the host arena as fixed buffers "
+                              "(locked-memory limit?); using plain reads and writes", RuntimeWarning)
         self.state_slots = SlotRing(self.arena, plan.state_slots if max_state else 0, max_state, self.store)
         self.param_slots = SlotRing(self.arena, plan.param_slots if max_param else 0, max_param, self.store)
         self.grad_accum = 1
