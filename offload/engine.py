@@ -356,6 +356,7 @@ class Engine:
             for u in host:     # forward order: the next forward waits for each unit's own update only
                 g = u.st.acc if self.grad_accum > 1 else u.st.grad
                 self.worker.submit(lambda u=u, g=g: self._update_host(u, g, hyper, scale))
+            self.worker.submit(self.unit_opt.next_step)
             self.steps_applied += 1
             return True
         # eager: host units were updated as their gradients landed (Note [update modes]).
@@ -370,6 +371,7 @@ class Engine:
         for u in dev:
             self.unit_opt.update_device(u, hyper, 1.0)
             self._finish_unit(u)
+        self.worker.submit(self.unit_opt.next_step)
         self.steps_applied += 1
         return True
 

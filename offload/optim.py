@@ -131,6 +131,19 @@ class UnitOptimizer:
 
     def __init__(self, tiers):
         self.tiers = tiers
+        self.order, self.last_order = [], []   # units in update order, this step and the last
+
+    def next_step(self):
+        """Called between steps on the worker thread: this step's update order predicts the next."""
+        if self.order:
+            self.last_order, self.order = self.order, []
+
+    def _expected_next(self, u):
+        try:
+            i = self.last_order.index(u.index)
+        except ValueError:
+            return None
+        return self.last_order[i + 1] if i + 1 < len(self.last_order) else None
 
     def _segments(self, u):
         """[(offset, numel, step)] to update: one segment for the whole prefix when every trainable param
@@ -166,6 +179,10 @@ class UnitOptimizer:
                    step=step, out=out[sl], grad_scale=scale)
         if slot is not None:
             t.write_states(u, master, m, v, slot=slot)
+        self.order.append(u.index)
+        nxt = self._expected_next(u)
+        if nxt is not None:
+            t.read_states_ahead(t.units[nxt])
         if p.params_home == "gpu":
             with torch.cuda.stream(t.h2d) if t.cuda else _null():
                 if t.cuda:

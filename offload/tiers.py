@@ -135,6 +135,7 @@ class Tiers:
                 warnings.warn("offload: io_uring could not register the host arena as fixed buffers "
                               "(locked-memory limit?); using plain reads and writes", RuntimeWarning)
         self.state_slots = SlotRing(self.arena, plan.state_slots if max_state else 0, max_state, self.store)
+        self.states_ahead = None   # (unit, slot, Pending): Note [state read-ahead]
         self.param_slots = SlotRing(self.arena, plan.param_slots if max_param else 0, max_param, self.store)
         self.grad_accum = 1
         self.check = lambda: None   # raises a failure of the optimizer thread in the caller (set by the engine)
@@ -205,18 +206,46 @@ class Tiers:
         self.param_slots.release(slot)
 
     def read_states(self, u):
-        """Reads [master | m | v] of an NVMe-state unit into a staging slot; returns (slot, m, e, s) views."""
+        """[master | m | v] of an NVMe-state unit in a staging slot: (slot, master, m, v) views. Uses the
+        read-ahead when it is for u (Note [state read-ahead])."""
+        ahead = self.states_ahead
+        if ahead is not None and ahead[0] is u:
+            self.states_ahead = None
+            slot, pending = ahead[1], ahead[2]
+            pending.wait()
+        else:
+            slot = self._read_states_into(u, self.state_slots.acquire())
+            slot, pending = slot
+            pending.wait()
+        n = u.numel_train
+        f = slot[:n * 12].view(torch.float32)
+        return slot, f[:n], f[n:2 * n], f[2 * n:]
+
+    def _read_states_into(self, u, slot):
         st = u.st
-        if st.states_write is not None:
+        if st.states_write is not None:   # the previous update's write-behind must land first
             st.states_write.wait()
             st.states_write = None
-        slot = self.state_slots.acquire()
         n = u.numel_train
-        buf = slot[:n * 12]
-        self.store.wait(self.store.submit_read(st.states_obj, 0, as_buffer(buf), tag=u.index))
+        pending = Pending(self.store, self.store.submit_read(st.states_obj, 0, as_buffer(slot[:n * 12]), tag=u.index))
         self.moved["disk_read"] += n * 12
-        f = buf.view(torch.float32)
-        return slot, f[:n], f[n:2 * n], f[2 * n:]
+        return slot, pending
+
+    def read_states_ahead(self, u):
+        """Note [state read-ahead]: while the backward pass computes the next unit's gradients, its states
+        are read from disk into the second staging slot, so its update starts on data already in memory.
+        At most one read-ahead is outstanding; one that is not used (the step went another way) is dropped
+        before the slot is needed, and before any other write of that unit's states."""
+        if self.states_ahead is not None or u.plan.states_home != "nvme":
+            return
+        slot, pending = self._read_states_into(u, self.state_slots.acquire())
+        self.states_ahead = (u, slot, pending)
+
+    def drop_states_ahead(self):
+        ahead, self.states_ahead = self.states_ahead, None
+        if ahead is not None:
+            ahead[2].wait()
+            self.state_slots.release(ahead[1])
 
     def write_states(self, u, master, exp_avg, exp_avg_sq, wait=False, slot=None):
         st, n = u.st, u.numel_train
@@ -335,6 +364,7 @@ class Tiers:
 
     def write_unit(self, u, compute, master=None, exp_avg=None, exp_avg_sq=None):
         st, p = u.st, u.plan
+        self.drop_states_ahead()
         compute = compute.to(self.dtype)
         if p.params_home == "gpu":
             st.flat.copy_(compute)
@@ -353,6 +383,7 @@ class Tiers:
     def close(self):
         if self.store is not None:
             try:
+                self.drop_states_ahead()
                 self.store.wait_all()
             finally:
                 self.store.close()
