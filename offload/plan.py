@@ -334,8 +334,13 @@ def plan_for_batch(units, shape, batch, rates=None, micro_batches=1, **kw):
     smallest needs."""
     fits, err = [], None
     for act in activation_options(shape, batch, kw["itemsize"]):
+        cpu = kw["cpu_budget"]
+        # Offloaded block inputs live beside the arena: the arena gets what they leave of the CPU budget.
+        sub = dict(kw, cpu_budget=None if cpu is None else max(0, cpu - act.host_bytes))
         try:
-            fits.append((plan_placement(units, act_reserve=act.device_bytes, **kw), act))
+            plan = plan_placement(units, act_reserve=act.device_bytes, **sub)
+            plan.budgets["cpu"] = cpu
+            fits.append((plan, act))
         except BudgetError as e:
             err = e
     if not fits:
