@@ -1,4 +1,4 @@
-"""Command line: `offload train` and `offload timeline` (also as `python -m offload ...`). Errors in the
+"""Command line: `offload train`, `timeline`, `plan` and `probe` (also as `python -m offload ...`). Errors in the
 user's input print one line and exit 2, with no traceback."""
 import argparse
 import json
@@ -9,7 +9,7 @@ import sys
 import time
 
 from .errors import BudgetError, ConfigError
-from .sizes import fmt_bytes
+from .sizes import fmt_bytes, parse_size
 
 
 def _train_parser(sub):
@@ -187,11 +187,113 @@ def cmd_timeline(args):
     return 0
 
 
+def _plan_parser(sub):
+    p = sub.add_parser("plan", help="place a model's state on a machine and predict the step time, from its config alone")
+    p.add_argument("--model", required=True, help="a Hugging Face model folder or a bare config.json (no weights needed)")
+    p.add_argument("--gpu-memory", default=None, help="device budget, e.g. 24GiB (default: the profile's gpu_memory_bytes)")
+    p.add_argument("--cpu-memory", default=None, help="CPU budget, e.g. 768GiB (default: the profile's cpu_memory_bytes)")
+    p.add_argument("--nvme", nargs="*", default=None, help="directories for the disk tier (default: the profile's nvme_paths)")
+    p.add_argument("--machine", default=None, help="a profile written by `offload probe` (or one describing other hardware)")
+    p.add_argument("--batch", type=int, default=None, help="sequences per micro-batch (with --seq: predicts compute too)")
+    p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: the config's context length)")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.set_defaults(func=cmd_plan)
+
+
+def _budget(value, prof, key, flag):
+    if value is not None:
+        return parse_size(value, flag)
+    if prof.get(key):
+        return int(prof[key])
+    raise ConfigError(f"{flag} is required (or a --machine profile with {key})")
+
+
+def cmd_plan(args):
+    from . import plan as planmod
+    from .groups import split_units
+    from .model_config import build_meta_model, load_config, model_shape
+    from .probe import load_profile
+
+    if args.batch is not None and args.batch < 1 or args.grad_accum < 1 or (args.seq is not None and args.seq < 1):
+        raise ConfigError("--batch, --seq and --grad-accum must be positive")
+    prof = load_profile(args.machine) if args.machine else {}
+    gpu_b = _budget(args.gpu_memory, prof, "gpu_memory_bytes", "--gpu-memory")
+    cpu_b = _budget(args.cpu_memory, prof, "cpu_memory_bytes", "--cpu-memory")
+    nvme = args.nvme if args.nvme is not None else (prof.get("nvme_paths") or None)
+    itemsize = {"bf16": 2, "fp16": 2, "fp32": 4}[args.dtype]
+    config = load_config(args.model)
+    model = build_meta_model(config)
+    units = split_units(model)
+    shape = model_shape(model, units, args.seq)
+    kw = dict(itemsize=itemsize, device="cuda", gpu_budget=gpu_b, cpu_budget=cpu_b, nvme=nvme,
+              grad_accum=args.grad_accum, activations="auto")
+    if args.batch is None:
+        from .engine import ACTIVATION_SHARE
+        plan, act = planmod.plan_placement(units, act_reserve=int(gpu_b * ACTIVATION_SHARE), **kw), None
+    else:
+        rates = dict(planmod.DEFAULT_RATES, **{k: v for k, v in prof.items() if v is not None})
+        plan, act = planmod.plan_for_batch(units, shape, args.batch, rates=rates, micro_batches=args.grad_accum, **kw)
+        for u in plan.units:
+            if u.activations != "keep":
+                u.activations = act.policy
+    print(f"model: {config.model_type}, {shape.params / 1e9:.2f} B parameters ({shape.layers} layers, hidden "
+          f"{shape.hidden}, {shape.heads} heads, vocab {shape.vocab}), {args.dtype}")
+    rates = dict(planmod.DEFAULT_RATES, **{k: v for k, v in prof.items() if v is not None})
+    if act is None or not rates.get("gpu_tflops"):
+        plan.predicted_step_s, plan.bottleneck, plan.resource_s = planmod.predict_state_traffic(
+            units, plan.units, itemsize, rates)
+        print(plan)
+        print("compute not priced: " + ("pass --batch (and --seq)" if act is None else "the profile has no gpu_tflops"))
+        return 0
+    tokens = args.batch * shape.seq * args.grad_accum
+    pred = plan.predict(tokens, rates, shape, act, micro_batches=args.grad_accum)
+    print(plan)
+    eff = rates.get("compute_efficiency", planmod.COMPUTE_EFFICIENCY)
+    print(f"activations: {act.policy}, device reserve {fmt_bytes(act.device_bytes)}"
+          + (f", block inputs in host memory {fmt_bytes(act.host_bytes)}" if act.host_bytes else ""))
+    print(f"step of {tokens:,} tokens ({args.batch} x {shape.seq} x {args.grad_accum} micro-batches), "
+          f"per resource (they overlap):")
+    notes = {"gpu": f"{pred.hardware_flops / 1e12:,.0f} TFLOP at {rates['gpu_tflops']:.1f} TFLOPS x {eff:.2f}",
+             "pcie": f"at {rates['pcie_gb_s']:.1f} GB/s", "disk": "at "
+             + (f"{rates['disk_read_gb_s']:.1f} GB/s read, {rates['disk_write_gb_s']:.1f} GB/s write"
+                if rates.get("disk_read_gb_s") and rates.get("disk_write_gb_s") else f"{rates['disk_gb_s']:.1f} GB/s"),
+             "cpu_adam": f"at {rates['cpu_adam_gparams_s']:.2f} G elements/s"}
+    for k, v in pred.resource_s.items():
+        print(f"  {k:<9}{v:>10.3f} s  {notes[k]}")
+    print(f"predicted step {pred.step_s:.3f} s, bound by {pred.bottleneck}: {tokens / pred.step_s:,.0f} tokens/s, "
+          f"{pred.model_tflops:.1f} model TFLOPS (6NT + attention), {pred.hardware_tflops:.1f} with recompute")
+    return 0
+
+
+def _probe_parser(sub):
+    p = sub.add_parser("probe", help="measure this machine (memory, AdamW, disks, PCIe, GPU) into a profile")
+    p.add_argument("--nvme", nargs="*", default=[], help="directories to measure disk rates on (a temporary file each)")
+    p.add_argument("-o", "--output", default="machine.json", help="profile to write (default machine.json)")
+    p.add_argument("--quick", action="store_true", help="smaller buffers: a rough profile in seconds")
+    p.set_defaults(func=cmd_probe)
+
+
+def cmd_probe(args):
+    from .probe import probe
+
+    prof, rows = probe(args.nvme, quick=args.quick)
+    width = max(len(w) for w, _ in rows)
+    for what, value in rows:
+        print(f"{what:<{width}}  {value}")
+    with open(args.output, "w") as f:
+        json.dump(prof, f, indent=1)
+    print(f"\nwrote {args.output}")
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="offload", description="Fine-tune models larger than GPU memory.")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _timeline_parser(sub)
+    _plan_parser(sub)
+    _probe_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

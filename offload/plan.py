@@ -53,6 +53,16 @@ class Plan:
     bottleneck: str = None
     notes: list = field(default_factory=list)
     resource_s: dict = field(default_factory=dict)
+    itemsize: int = 2
+    compute_included: bool = False
+
+    def predict(self, tokens_per_step, rates, shape, act=None, micro_batches=1):
+        """Prices a step with compute (Note [step-time model]); updates predicted_step_s, bottleneck and
+        resource_s to cover it, and returns the StepPrediction."""
+        p = predict_step(self, shape, tokens_per_step, rates, act, micro_batches)
+        self.predicted_step_s, self.bottleneck, self.resource_s = p.step_s, p.bottleneck, dict(p.resource_s)
+        self.compute_included = True
+        return p
 
     @property
     def arena_bytes(self):
@@ -67,7 +77,8 @@ class Plan:
         lines.append("buffers: " + ", ".join(f"{k}={fmt_bytes(v)}" for k, v in self.buffers.items()))
         lines.append(f"prefetch depth {self.prefetch_depth} (host->device), {self.disk_prefetch_depth} (disk->host)")
         if self.predicted_step_s is not None:
-            lines.append(f"predicted state traffic per step (compute excluded): {self.predicted_step_s:.3f} s, "
+            what = "step" if self.compute_included else "state traffic per step (compute excluded)"
+            lines.append(f"predicted {what}: {self.predicted_step_s:.3f} s, "
                          f"bound by {self.bottleneck} (" + ", ".join(f"{k} {v:.3f} s" for k, v in self.resource_s.items()) + ")")
         lines.append(f"{'unit':<28}{'elements':>14}  params  states  activations")
         shown = self.units if len(self.units) <= 12 else self.units[:5] + [None] + self.units[-5:]
@@ -219,7 +230,7 @@ def plan_placement(units, *, itemsize, device, gpu_budget, cpu_budget, nvme, gra
     plan = Plan(units=plans, bytes=tier_bytes, buffers=buffers,
                 budgets={"gpu": gpu_budget, "cpu": cpu_budget, "nvme": None},
                 prefetch_depth=depth, disk_prefetch_depth=depth + 2,
-                param_slots=param_slots, device=device)
+                param_slots=param_slots, device=device, itemsize=itemsize)
     plan.predicted_step_s, plan.bottleneck, plan.resource_s = predict_state_traffic(units, plans, itemsize)
     return plan
 
@@ -229,25 +240,158 @@ DEFAULT_RATES = {   # used until a probe of this machine is given: a PCIe 4 work
 }
 
 
-def predict_state_traffic(units, plans, itemsize, rates=None):
-    """Seconds per step each resource needs to move and update model state (compute excluded: it needs
-    batch and sequence). Returns (the largest, its resource, all of them)."""
-    r = dict(DEFAULT_RATES, **(rates or {}))
-    pcie = disk = adam = 0.0
+def state_traffic_bytes(units, plans, itemsize, micro_batches=1):
+    """Bytes (and AdamW elements) one optimizer step moves. Streamed params are fetched for forward and for
+    backward of every micro-batch, and gradients leave the device after every micro-batch backward (the
+    host accumulates them); updates, state reads and write-backs happen once per step."""
+    m = micro_batches
+    pcie = disk_read = disk_write = adam = 0
     for u, p in zip(units, plans):
         pb, tb = u.numel * itemsize, u.numel_train * itemsize
         if p.params_home != "gpu":
-            pcie += 2 * pb                     # forward and backward fetch
+            pcie += 2 * pb * m                 # forward and backward fetch
         if p.states_home in ("cpu", "nvme"):
-            pcie += tb                         # gradients out
+            pcie += tb * m                     # gradients out
             adam += u.numel_train
             if p.params_home == "gpu":
                 pcie += tb                     # updated params back in
         if p.params_home == "nvme":
-            disk += 2 * pb + tb                # read twice, write the updated part once
+            disk_read += 2 * pb * m            # read for forward and for backward
+            disk_write += tb                   # the updated trainable part, once
         if p.states_home == "nvme":
-            disk += 2 * u.numel_train * STATE_BYTES
-    res = {"pcie": pcie / (r["pcie_gb_s"] * 1e9), "disk": disk / (r["disk_gb_s"] * 1e9),
-           "cpu_adam": adam / (r["cpu_adam_gparams_s"] * 1e9)}
+            disk_read += u.numel_train * STATE_BYTES
+            disk_write += u.numel_train * STATE_BYTES
+    return {"pcie": pcie, "disk_read": disk_read, "disk_write": disk_write, "adam_elems": adam}
+
+
+def _disk_seconds(read, write, r):
+    """Reads and writes share the SSDs: their times add. Separate read/write rates when the profile has them."""
+    if r.get("disk_read_gb_s") and r.get("disk_write_gb_s"):
+        return read / (r["disk_read_gb_s"] * 1e9) + write / (r["disk_write_gb_s"] * 1e9)
+    return (read + write) / (r["disk_gb_s"] * 1e9)
+
+
+def predict_state_traffic(units, plans, itemsize, rates=None):
+    """Seconds per step each resource needs to move and update model state (compute excluded: it needs
+    batch and sequence). Returns (the largest, its resource, all of them)."""
+    r = dict(DEFAULT_RATES, **(rates or {}))
+    b = state_traffic_bytes(units, plans, itemsize)
+    res = {"pcie": b["pcie"] / (r["pcie_gb_s"] * 1e9), "disk": _disk_seconds(b["disk_read"], b["disk_write"], r),
+           "cpu_adam": b["adam_elems"] / (r["cpu_adam_gparams_s"] * 1e9)}
     worst = max(res, key=res.get)
     return res[worst], worst, res
+
+
+# Note [step-time model]
+# A step's resources overlap (compute, PCIe copies, disk I/O and CPU AdamW run on their own streams and
+# threads), so the predicted step is the slowest resource, not the sum. Each resource's time is its work
+# over its rate from the machine profile:
+# - gpu: training FLOPs 6*N*T (N: parameters in matmuls, T: tokens per step) plus attention's 12*L*h*s*T
+#   (QK^T and AV, forward 4*L*h*s per token, backward twice that; causal masking is not discounted), plus
+#   a recomputed forward 2*N_blocks*T + 4*L*h*s*T when blocks recompute; over gpu_tflops times
+#   COMPUTE_EFFICIENCY (a probe's gpu_tflops is a large bf16 matmul; layer norms, softmax, elementwise ops,
+#   launch gaps and smaller matmuls bring a training step below it).
+# - pcie: state_traffic_bytes()["pcie"] plus offloaded block inputs (out in forward, back in backward),
+#   over one rate for both directions together (conservative: PCIe is full duplex).
+# - disk, cpu_adam: state_traffic_bytes() over the disk and AdamW rates.
+COMPUTE_EFFICIENCY = 0.7
+LAYER_ACT_BYTES = 34   # bytes per token per hidden unit a block saves for backward in 16-bit (Korthikanti
+                       # et al. 2022, eq. 1, without the 5as/h term: SDPA/flash attention keeps no scores)
+LOGIT_EXTRA_BYTES = 8  # per logit beside the compute-dtype copy: cross-entropy's fp32 upcast and its gradient
+
+
+@dataclass(frozen=True)
+class ActivationPlan:
+    """How saved activations of one micro-batch are held. policy: "keep" (all on the device), "recompute"
+    (block inputs on the device, one block re-run at a time), "recompute+offload" (block inputs in host
+    memory, copied out in forward and back in backward). device_bytes: the device reserve it needs;
+    host_bytes: block inputs held in host memory."""
+    policy: str
+    device_bytes: int
+    host_bytes: int = 0
+
+    @property
+    def recompute(self):
+        return self.policy != "keep"
+
+
+def activation_options(shape, batch, itemsize):
+    """ActivationPlans from most to least device memory, for micro-batches of batch x shape.seq tokens."""
+    tok = batch * shape.seq
+    block = LAYER_ACT_BYTES * tok * shape.hidden * itemsize // 2
+    block_in = tok * shape.hidden * itemsize
+    logits = tok * shape.vocab * (itemsize + LOGIT_EXTRA_BYTES)
+    return [ActivationPlan("keep", shape.layers * block + logits),
+            ActivationPlan("recompute", shape.layers * block_in + block + logits),
+            ActivationPlan("recompute+offload", 2 * block_in + block + logits, shape.layers * block_in)]
+
+
+def plan_for_batch(units, shape, batch, rates=None, micro_batches=1, **kw):
+    """plan_placement with the activation reserve sized for this batch. Each ActivationPlan (keep, recompute,
+    recompute+offload) gets its own placement, since a larger reserve pushes state off the device; the pick
+    is the fastest predicted step when rates has gpu_tflops, else the one with most model state on the device
+    (the first on ties). Returns (Plan, ActivationPlan); raises BudgetError when none fits, saying what the
+    smallest needs."""
+    fits, err = [], None
+    for act in activation_options(shape, batch, kw["itemsize"]):
+        cpu = kw["cpu_budget"]
+        # Offloaded block inputs live beside the arena: the arena gets what they leave of the CPU budget.
+        sub = dict(kw, cpu_budget=None if cpu is None else max(0, cpu - act.host_bytes))
+        try:
+            plan = plan_placement(units, act_reserve=act.device_bytes, **sub)
+            plan.budgets["cpu"] = cpu
+            fits.append((plan, act))
+        except BudgetError as e:
+            err = e
+    if not fits:
+        raise BudgetError(f"batch {batch} x seq {shape.seq}: even with recompute and block inputs in host memory "
+                          f"activations need {fmt_bytes(act.device_bytes)} of the device, and then {err}; "
+                          f"lower --batch (raise --grad-accum to keep the tokens per step)")
+    if rates and rates.get("gpu_tflops"):
+        tokens = batch * shape.seq * micro_batches
+        return min(fits, key=lambda f: predict_step(f[0], shape, tokens, rates, f[1], micro_batches).step_s)
+    return max(fits, key=lambda f: f[0].bytes["gpu"])
+
+
+@dataclass(frozen=True)
+class StepPrediction:
+    """One step priced on a machine profile (Note [step-time model])."""
+    tokens: int
+    model_flops: float       # 6NT + attention: the convention papers report TFLOPS in
+    hardware_flops: float    # model_flops plus the recomputed forward
+    resource_s: dict
+    step_s: float
+    bottleneck: str
+
+    @property
+    def model_tflops(self):
+        return self.model_flops / self.step_s / 1e12
+
+    @property
+    def hardware_tflops(self):
+        return self.hardware_flops / self.step_s / 1e12
+
+
+def training_flops(shape, tokens, recompute):
+    """(model FLOPs, FLOPs including a recomputed forward) of a step of `tokens` tokens."""
+    attn = 4 * shape.layers * shape.hidden * shape.seq * tokens       # one forward's QK^T and AV
+    model = 6 * shape.compute_params * tokens + 3 * attn
+    extra = (2 * shape.block_params * tokens + attn) if recompute else 0
+    return float(model), float(model + extra)
+
+
+def predict_step(plan, shape, tokens_per_step, rates, act=None, micro_batches=1):
+    """StepPrediction of a plan; rates: a machine profile (missing keys fall back to DEFAULT_RATES; gpu_tflops
+    is required)."""
+    r = dict(DEFAULT_RATES, **{k: v for k, v in (rates or {}).items() if v is not None})
+    if not r.get("gpu_tflops"):
+        raise ValueError("predict_step: the machine profile has no gpu_tflops")
+    model, hw = training_flops(shape, tokens_per_step, act is not None and act.recompute)
+    b = state_traffic_bytes(plan.units, plan.units, plan.itemsize, micro_batches)
+    pcie = b["pcie"] + (2 * act.host_bytes * micro_batches if act is not None else 0)
+    eff = r.get("compute_efficiency", COMPUTE_EFFICIENCY)
+    res = {"gpu": hw / (r["gpu_tflops"] * 1e12 * eff), "pcie": pcie / (r["pcie_gb_s"] * 1e9),
+           "disk": _disk_seconds(b["disk_read"], b["disk_write"], r),
+           "cpu_adam": b["adam_elems"] / (r["cpu_adam_gparams_s"] * 1e9)}
+    worst = max(res, key=res.get)
+    return StepPrediction(tokens_per_step, model, hw, res, res[worst], worst)

@@ -1,0 +1,190 @@
+"""Machine profiles: what `offload probe` measures here, and what `offload plan --machine` prices a step with.
+
+A profile is a flat JSON object; every rate is a measured (or, for a described machine, a stated) figure:
+- pcie_gb_s: pinned host<->device copy rate, both directions at once (None without CUDA)
+- pcie_h2d_gb_s, pcie_d2h_gb_s: each direction alone
+- gpu_tflops: dense bf16 matmul rate; gpu_memory_bytes: free device memory (None without CUDA)
+- disk_read_gb_s, disk_write_gb_s: best rate over queue depths, summed over nvme_paths (the store stripes);
+  disk_gb_s: their harmonic mean, the rate of an equal read/write mix
+- cpu_adam_gparams_s: native AdamW (fp32 master/moments, bf16 grad and output), 1e9 elements per second;
+  torch_adam_gparams_s: torch.optim.AdamW(fused=True), fp32 throughout, for comparison
+- mem_bw_gb_s: host memory copy bandwidth (bytes read + written); cpu_memory_bytes: total host memory
+- nvme_paths: the directories measured
+"""
+import json
+import mmap
+import os
+import time
+
+from .errors import ConfigError
+
+PROFILE_KEYS = ("pcie_gb_s", "pcie_h2d_gb_s", "pcie_d2h_gb_s", "gpu_tflops", "gpu_memory_bytes",
+                "disk_read_gb_s", "disk_write_gb_s", "disk_gb_s", "cpu_adam_gparams_s", "torch_adam_gparams_s",
+                "mem_bw_gb_s", "cpu_memory_bytes", "nvme_paths")
+QUEUE_DEPTHS = (1, 8, 32)
+IO_CHUNK = 1 << 20
+
+
+def load_profile(path):
+    """A profile dict from JSON; raises ConfigError naming every bad key."""
+    try:
+        with open(path) as f:
+            prof = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--machine {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(prof, dict):
+        raise ConfigError(f"--machine {path}: expected a JSON object with keys like {', '.join(PROFILE_KEYS[:4])}")
+    bad = [k for k, v in prof.items() if k in PROFILE_KEYS and k != "nvme_paths"
+           and v is not None and (not isinstance(v, (int, float)) or v <= 0)]
+    if bad:
+        raise ConfigError(f"--machine {path}: {', '.join(bad)} must be positive numbers or null")
+    return prof
+
+
+def _best(fn, repeats):
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def mem_bandwidth(nbytes, repeats=3):
+    """GB/s of a torch copy_ between two host buffers (read + write counted), on torch's threads."""
+    import torch
+    a = torch.ones(nbytes // 4)
+    b = torch.empty_like(a)
+    return 2 * nbytes / _best(lambda: b.copy_(a), repeats) / 1e9
+
+
+def adam_rates(numel, repeats=3):
+    """(native AdamW, torch fused AdamW) in 1e9 elements per second."""
+    import torch
+    from .adam import adamw_
+    master, m, v = torch.randn(numel), torch.zeros(numel), torch.zeros(numel)
+    grad, out = torch.randn(numel).bfloat16(), torch.empty(numel, dtype=torch.bfloat16)
+    kw = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, step=1, out=out)
+    native = numel / _best(lambda: adamw_(master, grad, m, v, **kw), repeats) / 1e9
+    p = torch.nn.Parameter(torch.randn(numel))
+    p.grad = torch.randn(numel)
+    try:
+        opt = torch.optim.AdamW([p], lr=1e-4, fused=True)
+    except (RuntimeError, ValueError):
+        opt = torch.optim.AdamW([p], lr=1e-4, foreach=False)
+    opt.step()
+    fused = numel / _best(opt.step, repeats) / 1e9
+    return native, fused
+
+
+def _stream(store, obj, buf, nbytes, write, depth):
+    """Moves nbytes in IO_CHUNK requests with `depth` of them in flight; returns seconds."""
+    view = memoryview(buf)
+    tickets = []
+    t0 = time.perf_counter()
+    for off in range(0, nbytes, IO_CHUNK):
+        chunk = view[off:off + IO_CHUNK]
+        submit = store.submit_write if write else store.submit_read
+        tickets.append(submit(obj, off, chunk))
+        if len(tickets) >= depth:
+            store.wait(tickets.pop(0))
+    for t in tickets:
+        store.wait(t)
+    return time.perf_counter() - t0
+
+
+def disk_rates(path, nbytes):
+    """{depth: (read GB/s, write GB/s)} and whether O_DIRECT was used, through the store on one path. The
+    file is removed before returning. Buffered I/O (no O_DIRECT) measures the page cache, not the disk."""
+    import warnings
+    from .store import open_store
+    buf = mmap.mmap(-1, nbytes)          # page-aligned, as O_DIRECT requires
+    buf.write(os.urandom(1 << 20) * (nbytes >> 20))
+    out, direct = {}, None
+    for depth in QUEUE_DEPTHS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            store = open_store([path], queue_depth=depth)
+        with store:
+            direct = bool(store.direct[0])
+            obj = store.create(nbytes)
+            try:
+                w = _stream(store, obj, buf, nbytes, True, depth)
+                r = _stream(store, obj, buf, nbytes, False, depth)
+            finally:
+                store.remove(obj)
+        out[depth] = (nbytes / r / 1e9, nbytes / w / 1e9)
+    buf.close()
+    return out, direct
+
+
+def gpu_rates(nbytes, n_mm, repeats=3):
+    """(h2d, d2h, both-at-once GB/s, bf16 matmul TFLOPS, free bytes) on the current CUDA device."""
+    import torch
+    dev = torch.device("cuda")
+    host_a = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    host_b = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    d_a = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    d_b = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+
+    def timed(fn):
+        def run():
+            fn()
+            torch.cuda.synchronize()
+        run()
+        return _best(run, repeats)
+
+    h2d = nbytes / timed(lambda: d_a.copy_(host_a, non_blocking=True)) / 1e9
+    d2h = nbytes / timed(lambda: host_b.copy_(d_b, non_blocking=True)) / 1e9
+
+    def both():
+        with torch.cuda.stream(s1):
+            d_a.copy_(host_a, non_blocking=True)
+        with torch.cuda.stream(s2):
+            host_b.copy_(d_b, non_blocking=True)
+    bidir = 2 * nbytes / timed(both) / 1e9
+    a = torch.randn(n_mm, n_mm, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(n_mm, n_mm, device=dev, dtype=torch.bfloat16)
+    tflops = 2 * n_mm ** 3 * 4 / timed(lambda: [a @ b for _ in range(4)]) / 1e12
+    del a, b, d_a, d_b
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info()
+    return h2d, d2h, bidir, tflops, free
+
+
+def probe(nvme_paths=(), quick=False):
+    """Measures this machine; returns (profile dict, table rows of (what, value))."""
+    import psutil
+    import torch
+    rows = []
+    prof = dict.fromkeys(PROFILE_KEYS)
+    prof["nvme_paths"] = [os.path.abspath(p) for p in nvme_paths]
+    prof["cpu_memory_bytes"] = psutil.virtual_memory().total
+    prof["mem_bw_gb_s"] = mem_bandwidth((64 if quick else 512) << 20)
+    rows.append(("host memory copy (read+write)", f"{prof['mem_bw_gb_s']:.1f} GB/s, {torch.get_num_threads()} threads"))
+    native, fused = adam_rates((2 if quick else 16) << 20)
+    prof["cpu_adam_gparams_s"], prof["torch_adam_gparams_s"] = native, fused
+    rows.append(("AdamW native (bf16 grad/out)", f"{native:.3f} G elements/s"))
+    rows.append(("AdamW torch fused (fp32)", f"{fused:.3f} G elements/s"))
+    reads = writes = 0.0
+    for path in prof["nvme_paths"]:
+        if not os.path.isdir(path):
+            raise ConfigError(f"--nvme {path}: not a directory")
+        by_depth, direct = disk_rates(path, (64 if quick else 256) << 20)
+        for depth, (r, w) in by_depth.items():
+            rows.append((f"disk {path} qd {depth}{'' if direct else ' (buffered: page cache)'}",
+                         f"read {r:.2f} GB/s, write {w:.2f} GB/s"))
+        reads += max(r for r, _ in by_depth.values())
+        writes += max(w for _, w in by_depth.values())
+    if prof["nvme_paths"]:
+        prof["disk_read_gb_s"], prof["disk_write_gb_s"] = reads, writes
+        prof["disk_gb_s"] = 2 / (1 / reads + 1 / writes)
+    if torch.cuda.is_available():
+        h2d, d2h, bidir, tflops, free = gpu_rates((64 if quick else 512) << 20, 4096 if quick else 8192)
+        prof.update(pcie_h2d_gb_s=h2d, pcie_d2h_gb_s=d2h, pcie_gb_s=bidir, gpu_tflops=tflops, gpu_memory_bytes=free)
+        rows += [("PCIe pinned h2d / d2h / both", f"{h2d:.1f} / {d2h:.1f} / {bidir:.1f} GB/s"),
+                 ("GPU bf16 matmul", f"{tflops:.1f} TFLOPS"), ("GPU free memory", f"{free / 2**30:.2f} GiB")]
+    else:
+        rows.append(("GPU", "none (CUDA unavailable): gpu and pcie keys are null"))
+    return prof, rows
