@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import traceback
 import warnings
 
 import pytest
@@ -62,28 +64,51 @@ def test_short_write_completion_resubmitted(tmp_path):
     assert_runs_match(got, ref, model)
 
 
-def test_eio_on_read_names_file_and_offset(tmp_path):
+@pytest.mark.parametrize("thread", ["caller", "optimizer"])
+def test_eio_on_read_names_file_and_offset(tmp_path, thread):
     """EIO on a store read inside a step surfaces as offload.StoreIOError (an OSError) naming the backing
-    file and offset, in the caller's thread; the process lives, close() works (and removes the swap files),
-    and a fresh engine loaded from the last checkpoint trains on."""
+    file and offset, in the caller's thread, with its original type and message; the process lives, close()
+    works (and removes the swap files), and a fresh engine loaded from the last checkpoint trains on.
+    "caller": the next read after a checkpoint, whichever thread makes it (the next forward's parameter
+    reads come first). "optimizer": deterministically on the optimizer thread: deferred mode, the fault is
+    armed as the worker starts reading a unit's NVMe states, and the caller makes no reads meanwhile (it
+    only calls engine.sync()), so the error must cross threads."""
     model, batches = make_mlp(), mlp_batches(4)
-    _, eng = nvme_engine(tmp_path, model)
+    kw = dict(clip_grad_norm=float("inf")) if thread == "optimizer" else {}
+    eng = make_engine(copy.deepcopy(model), mix="nvme", tmp_path=tmp_path, **kw)
     nvme = eng.tiers.store.run_dirs[0]
     one_step(eng, batches[0])
     eng.save(tmp_path / "ckpt")
-    eng.tiers.store.inject_fault(0, err=errno.EIO, op="read")
     with pytest.raises(offload.StoreIOError) as ei:
-        for b in batches[1:]:
-            one_step(eng, b)
+        if thread == "caller":
+            eng.tiers.store.inject_fault(0, err=errno.EIO, op="read")
+            for b in batches[1:]:
+                one_step(eng, b)
+        else:
+            read_states, armed = eng.tiers.read_states, []
+
+            def arm_then_read(u):
+                if not armed and threading.current_thread().name == "offload-optim":
+                    armed.append(u.name)
+                    eng.tiers.store.inject_fault(0, err=errno.EIO, op="read")
+                return read_states(u)
+
+            eng.tiers.read_states = arm_then_read
+            loss = eng(**batches[1]).loss
+            eng.backward(loss)
+            eng.step()          # deferred: queues the updates and returns
         eng.sync()
     e = ei.value
-    assert isinstance(e, OSError) and e.errno == errno.EIO and e.op == "read"
+    assert type(e) is offload.StoreIOError and isinstance(e, OSError)
+    assert e.errno == errno.EIO and e.op == "read"
     assert e.filename.startswith(nvme) and os.path.basename(e.filename).startswith("obj-")
     assert f"offset {e.offset}" in str(e) and e.filename in str(e)
+    if thread == "optimizer":
+        assert armed and "update_host" in [f.name for f in traceback.extract_tb(e.__traceback__)]
     eng.close()
     eng.close()
     assert not os.path.exists(nvme)
-    _, fresh = nvme_engine(tmp_path / "again", model)
+    fresh = make_engine(copy.deepcopy(model), mix="nvme", tmp_path=tmp_path / "again", **kw)
     with fresh:
         fresh.load(tmp_path / "ckpt")
         assert fresh.steps_applied == 1
@@ -115,7 +140,7 @@ def test_enospc_mid_step_keeps_last_checkpoint(tmp_path):
 # -------------------------------------------------------------------------------------------- signals
 
 CHILD = textwrap.dedent("""
-    import os, sys, json, copy, signal
+    import os, sys, json, copy, signal, traceback
     import torch
     from conftest import make_engine, HP
     from models import make_mlp, mlp_batches
@@ -127,25 +152,34 @@ CHILD = textwrap.dedent("""
     batches = mlp_batches(steps)
     losses = []
     eng = make_engine(model, mix="nvme", tmp_path=nvme_root)
-    code = 0
+    code, where = 0, None
     try:
         start = 0
         if resume:
             eng.load(ckpt)
             start = eng.steps_applied
+        update, calls = eng.unit_opt.update_host, []
+        per_step = sum(1 for u in eng.units if u.trainable and u.plan.states_home != "gpu")
+        def update_then_interrupt(u, *a, **k):
+            # SIGINT from the optimizer thread as it updates the first unit of step interrupt_at (eager
+            # mode: inside that step's backward); the main thread gets KeyboardInterrupt in an engine call.
+            calls.append(1)
+            if len(calls) == interrupt_at * per_step + 1:
+                os.kill(os.getpid(), signal.SIGINT)
+            update(u, *a, **k)
+        eng.unit_opt.update_host = update_then_interrupt
         for i in range(start, steps):
             loss = eng(**batches[i]).loss
             losses.append((i, loss.item()))
-            if i == interrupt_at:
-                os.kill(os.getpid(), signal.SIGINT)   # arrives during this step, before backward/step finish
             eng.backward(loss)
             eng.step()
             eng.save(ckpt)
     except KeyboardInterrupt:
         code = 130
+        where = traceback.extract_tb(sys.exc_info()[2])[1].name   # the engine call it interrupted
     finally:
         eng.close()
-        json.dump({"losses": losses, "left": os.listdir(os.path.join(nvme_root, "nvme"))}, open(out, "w"))
+        json.dump({"where": where, "losses": losses, "left": os.listdir(os.path.join(nvme_root, "nvme"))}, open(out, "w"))
     sys.exit(code)
 """)
 
@@ -168,11 +202,13 @@ def test_sigint_during_step_resumes_bitwise(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     p, cut = _child(tmp_path, "cut", tmp_path / "b", tmp_path / "b" / "ckpt", steps, 0, 3)
     assert p.returncode == 130, (p.returncode, p.stderr[-3000:])
+    assert cut["where"] in ("backward", "step"), cut["where"]   # interrupted inside an engine call
     assert cut["left"] == [] and full["left"] == []
     p, rest = _child(tmp_path, "rest", tmp_path / "b", tmp_path / "b" / "ckpt", steps, 1, -1)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert rest["losses"][0][0] == 3          # the checkpoint of step 2 was the last one
-    joined = cut["losses"][:3] + rest["losses"]
+    start = rest["losses"][0][0]              # the last complete checkpoint: after step 2
+    assert start == 3 and len(cut["losses"]) == 4, (start, cut["losses"])
+    joined = cut["losses"][:start] + rest["losses"]
     assert joined == full["losses"]           # floats through JSON: exact equality is bitwise
 
 
