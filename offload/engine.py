@@ -426,18 +426,22 @@ class Engine:
         self._closed = True
         if hasattr(self, "_exit_hook"):
             self._exit_hook.detach()
+        # A failure of the optimizer thread not yet raised to the caller is raised here, but only after every
+        # piece is released: hooks off the user's module, profiler, swap files and arena.
         try:
             if hasattr(self, "worker"):
                 try:
                     self.worker.sync()
                 finally:
                     self.worker.close()
-            if hasattr(self, "streamer"):
-                self.streamer.remove()
-            if self.profiler is not None:
-                self.profiler.close()
         finally:
-            self.tiers.close()
+            try:
+                if hasattr(self, "streamer"):
+                    self.streamer.remove()
+                if self.profiler is not None:
+                    self.profiler.close()
+            finally:
+                self.tiers.close()
 
     def __enter__(self):
         return self

@@ -64,7 +64,7 @@ def test_short_write_completion_resubmitted(tmp_path):
     assert_runs_match(got, ref, model)
 
 
-@pytest.mark.parametrize("thread", ["caller", "optimizer"])
+@pytest.mark.parametrize("thread", ["caller", "optimizer", "optimizer-then-close"])
 def test_eio_on_read_names_file_and_offset(tmp_path, thread):
     """EIO on a store read inside a step surfaces as offload.StoreIOError (an OSError) naming the backing
     file and offset, in the caller's thread, with its original type and message; the process lives, close()
@@ -72,9 +72,11 @@ def test_eio_on_read_names_file_and_offset(tmp_path, thread):
     "caller": the next read after a checkpoint, whichever thread makes it (the next forward's parameter
     reads come first). "optimizer": deterministically on the optimizer thread: deferred mode, the fault is
     armed as the worker starts reading a unit's NVMe states, and the caller makes no reads meanwhile (it
-    only calls engine.sync()), so the error must cross threads."""
+    only calls engine.sync()), so the error must cross threads. "optimizer-then-close": the same, but the
+    first engine call after the failure is close(): it raises the error and still removes the hooks from the
+    model and the swap files."""
     model, batches = make_mlp(), mlp_batches(4)
-    kw = dict(clip_grad_norm=float("inf")) if thread == "optimizer" else {}
+    kw = dict(clip_grad_norm=float("inf")) if thread != "caller" else {}
     eng = make_engine(copy.deepcopy(model), mix="nvme", tmp_path=tmp_path, **kw)
     nvme = eng.tiers.store.run_dirs[0]
     one_step(eng, batches[0])
@@ -97,17 +99,18 @@ def test_eio_on_read_names_file_and_offset(tmp_path, thread):
             loss = eng(**batches[1]).loss
             eng.backward(loss)
             eng.step()          # deferred: queues the updates and returns
-        eng.sync()
+        eng.close() if thread == "optimizer-then-close" else eng.sync()
     e = ei.value
     assert type(e) is offload.StoreIOError and isinstance(e, OSError)
     assert e.errno == errno.EIO and e.op == "read"
     assert e.filename.startswith(nvme) and os.path.basename(e.filename).startswith("obj-")
     assert f"offset {e.offset}" in str(e) and e.filename in str(e)
-    if thread == "optimizer":
+    if thread != "caller":
         assert armed and "update_host" in [f.name for f in traceback.extract_tb(e.__traceback__)]
     eng.close()
     eng.close()
     assert not os.path.exists(nvme)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in eng.module.modules())
     fresh = make_engine(copy.deepcopy(model), mix="nvme", tmp_path=tmp_path / "again", **kw)
     with fresh:
         fresh.load(tmp_path / "ckpt")
