@@ -179,7 +179,8 @@ CHILD = textwrap.dedent("""
             eng.save(ckpt)
     except KeyboardInterrupt:
         code = 130
-        where = traceback.extract_tb(sys.exc_info()[2])[1].name   # the engine call it interrupted
+        frames = traceback.extract_tb(sys.exc_info()[2])
+        where = frames[1].name if len(frames) > 1 else "loop"   # the engine call it interrupted, if any
     finally:
         eng.close()
         json.dump({"where": where, "losses": losses, "left": os.listdir(os.path.join(nvme_root, "nvme"))}, open(out, "w"))
@@ -205,12 +206,15 @@ def test_sigint_during_step_resumes_bitwise(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     p, cut = _child(tmp_path, "cut", tmp_path / "b", tmp_path / "b" / "ckpt", steps, 0, 3)
     assert p.returncode == 130, (p.returncode, p.stderr[-3000:])
-    assert cut["where"] in ("backward", "step"), cut["where"]   # interrupted inside an engine call
+    # The handler runs at the main thread's next bytecode: nearly always inside engine.backward(), rarely
+    # in step() or in the loop between them; any of these is "during step 3".
+    assert cut["where"] in ("backward", "step", "loop", "save"), cut["where"]
     assert cut["left"] == [] and full["left"] == []
     p, rest = _child(tmp_path, "rest", tmp_path / "b", tmp_path / "b" / "ckpt", steps, 1, -1)
     assert p.returncode == 0, p.stderr[-3000:]
-    start = rest["losses"][0][0]              # the last complete checkpoint: after step 2
-    assert start == 3 and len(cut["losses"]) == 4, (start, cut["losses"])
+    start = rest["losses"][0][0]              # the last complete checkpoint: after step 2 (or 3, had the
+    assert len(cut["losses"]) == 4 and start in (3, 4), (start, cut["losses"])   # save finished anyway)
+    assert start == 3 or cut["where"] == "save"
     joined = cut["losses"][:start] + rest["losses"]
     assert joined == full["losses"]           # floats through JSON: exact equality is bitwise
 
