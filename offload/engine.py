@@ -5,6 +5,7 @@ checkpoint."""
 import math
 import os
 import warnings
+import weakref
 
 import torch
 
@@ -75,6 +76,15 @@ def _default_budgets(device, gpu_memory, cpu_memory):
     return gpu_memory, cpu_memory
 
 
+def _close_at_exit(ref):
+    eng = ref()
+    if eng is not None:
+        try:
+            eng.close()
+        except Exception:
+            pass
+
+
 class Engine:
     """The trainer returned by offload.engine(). Use it like the module for forward, then backward(loss)
     and step(); save()/load() checkpoint every tier; close() (or `with`) removes swap files."""
@@ -134,6 +144,10 @@ class Engine:
             for u in self.units:
                 self.profiler.name_unit(u.index, u.name)
         self._closed = False
+        # An engine the user never closed still removes its swap files at a normal interpreter exit: the
+        # optimizer thread keeps it alive, so neither __del__ nor the store's destructor would run then.
+        # The hook holds only a weak reference (no cycle); close() detaches it.
+        self._exit_hook = weakref.finalize(self, _close_at_exit, weakref.ref(self))
         try:
             self._setup()
         except BaseException:
@@ -412,18 +426,24 @@ class Engine:
         if getattr(self, "_closed", True):
             return
         self._closed = True
+        if hasattr(self, "_exit_hook"):
+            self._exit_hook.detach()
+        # A failure of the optimizer thread not yet raised to the caller is raised here, but only after every
+        # piece is released: hooks off the user's module, profiler, swap files and arena.
         try:
             if hasattr(self, "worker"):
                 try:
                     self.worker.sync()
                 finally:
                     self.worker.close()
-            if hasattr(self, "streamer"):
-                self.streamer.remove()
-            if self.profiler is not None:
-                self.profiler.close()
         finally:
-            self.tiers.close()
+            try:
+                if hasattr(self, "streamer"):
+                    self.streamer.remove()
+                if self.profiler is not None:
+                    self.profiler.close()
+            finally:
+                self.tiers.close()
 
     def __enter__(self):
         return self

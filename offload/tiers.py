@@ -381,13 +381,17 @@ class Tiers:
                 st.exp_avg_sq.copy_(exp_avg_sq)
 
     def close(self):
-        if self.store is not None:
-            try:
-                self.drop_states_ahead()
-                self.store.wait_all()
-            finally:
-                self.store.close()
-                self.store = None
-        if self.arena is not None:
-            self.arena.close()
-            self.arena = None
+        # wait_all() raises the first failed request (after all have finished): the store and the arena are
+        # released all the same.
+        try:
+            if self.store is not None:
+                try:
+                    self.drop_states_ahead()
+                    self.store.wait_all()
+                finally:
+                    self.store.close()
+                    self.store = None
+        finally:
+            if self.arena is not None:
+                self.arena.close()
+                self.arena = None
