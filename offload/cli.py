@@ -150,8 +150,8 @@ def cmd_train(args):
             "steps_skipped": eng.steps_skipped,
         }
         print("\nwhere bytes and time went:")
-        print(f"  model state: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in eng.plan.bytes.items()))
-        print(f"  moved: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in eng.tiers.moved.items()))
+        print("  model state: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in eng.plan.bytes.items()))
+        print("  moved: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in eng.tiers.moved.items()))
         print(f"  time: forward {t_fwd:.2f} s, backward {t_bwd:.2f} s, optimizer wait {t_step:.2f} s, "
               f"total {wall:.2f} s ({summary['tokens_per_s']} tokens/s)")
         if losses:

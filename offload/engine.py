@@ -4,13 +4,13 @@ CPU arena and NVMe, with the numbers plain PyTorch would give. Wiring only: the 
 checkpoint."""
 import math
 import os
-import warnings
 import weakref
 
 import torch
 
 from . import checkpoint
 from .activations import POLICIES
+from .adam import grad_sumsq
 from .errors import ConfigError
 from .groups import split_units
 from .optim import AdamW, UnitOptimizer, Worker, finite, warn_nonfinite
@@ -300,7 +300,6 @@ class Engine:
             st.grad_free.set()
         if not final:
             return
-        from .adam import grad_sumsq
         st.sumsq = grad_sumsq(g)
         if self.mode == "deferred":
             return

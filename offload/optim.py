@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-from .adam import grad_sumsq, unit_adamw_
+from .adam import unit_adamw_
 from .errors import ConfigError
 from .store import as_buffer
 
@@ -234,7 +234,3 @@ def finite(x):
 def warn_nonfinite(unit_name, skipped_total):
     warnings.warn(f"non-finite gradient in unit {unit_name}: optimizer step skipped "
                   f"({skipped_total} skipped so far)", RuntimeWarning, stacklevel=3)
-
-
-def host_sumsq(grad):
-    return grad_sumsq(grad)

@@ -121,6 +121,14 @@ def disk_rates(path, nbytes):
 def gpu_rates(nbytes, n_mm, repeats=3):
     """(h2d, d2h, both-at-once GB/s, bf16 matmul TFLOPS, free bytes) on the current CUDA device."""
     import torch
+    rates = _gpu_transfer_and_matmul(nbytes, n_mm, repeats)   # its buffers are gone when it returns
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info()
+    return (*rates, free)
+
+
+def _gpu_transfer_and_matmul(nbytes, n_mm, repeats):
+    import torch
     dev = torch.device("cuda")
     host_a = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
     host_b = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
@@ -147,10 +155,7 @@ def gpu_rates(nbytes, n_mm, repeats=3):
     a = torch.randn(n_mm, n_mm, device=dev, dtype=torch.bfloat16)
     b = torch.randn(n_mm, n_mm, device=dev, dtype=torch.bfloat16)
     tflops = 2 * n_mm ** 3 * 4 / timed(lambda: [a @ b for _ in range(4)]) / 1e12
-    del a, b, d_a, d_b
-    torch.cuda.empty_cache()
-    free, _ = torch.cuda.mem_get_info()
-    return h2d, d2h, bidir, tflops, free
+    return h2d, d2h, bidir, tflops
 
 
 def probe(nvme_paths=(), quick=False):

@@ -18,7 +18,7 @@ steps prefetch the next entries of that sequence: host->device copies `prefetch_
 units it prefetched in vain are released at the end of the phase.
 """
 import torch
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 
 from .activations import RecomputeScope, SwapScope
 from ._native import now_ns, trace_kind

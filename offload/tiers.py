@@ -214,8 +214,7 @@ class Tiers:
             slot, pending = ahead[1], ahead[2]
             pending.wait()
         else:
-            slot = self._read_states_into(u, self.state_slots.acquire())
-            slot, pending = slot
+            slot, pending = self._read_states_into(u, self.state_slots.acquire())
             pending.wait()
         n = u.numel_train
         f = slot[:n * 12].view(torch.float32)
