@@ -58,3 +58,30 @@ def test_hf_llama_accum_clip(tmp_path):
                      clip_grad_norm=0.5)
     assert got.stepped == [False, True, False, True]
     assert_runs_match(got, ref, model)
+
+
+def test_save_pretrained_loads_back_with_the_same_logits(tmp_path):
+    """engine.save_pretrained() writes Hugging Face safetensors that transformers' from_pretrained loads
+    into a model giving exactly the engine's logits (fp32, tied embeddings, states partly on NVMe)."""
+    import offload
+    from offload.presets import build_preset
+    transformers = pytest.importorskip("transformers")
+    model, _ = build_preset("tiny")
+    x = torch.randint(3, 259, (2, 16), generator=torch.Generator().manual_seed(0))
+    nvme = tmp_path / "nvme"
+    nvme.mkdir()
+    with offload.engine(model, optimizer=offload.AdamW(lr=1e-2), device="cpu", gpu_memory="5MiB",
+                        cpu_memory="24MiB", nvme=str(nvme)) as eng:
+        assert eng.plan.bytes["nvme"] > 0
+        for _ in range(2):
+            out = eng(input_ids=x, labels=x)
+            eng.backward(out.loss)
+            eng.step()
+        eng.sync()
+        with torch.no_grad():
+            logits = eng(input_ids=x).logits
+        eng.save_pretrained(tmp_path / "out")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        again = back(input_ids=x).logits
+    assert torch.equal(logits, again)
