@@ -13,6 +13,8 @@ The policy runs through torch.autograd.graph.saved_tensors_hooks entered in the 
 and left in its forward hook, so the model's code is untouched and no model gradient-checkpointing flag is
 needed.
 """
+import contextlib
+
 import torch
 from torch.utils._pytree import tree_map
 
@@ -74,7 +76,7 @@ class RecomputeScope:
             if self.cuda_rng is not None:
                 torch.cuda.set_rng_state(self.cuda_rng, self.device)
             autocast = (torch.autocast(self.autocast[0], dtype=self.autocast[1]) if self.autocast
-                        else _Null())
+                        else contextlib.nullcontext())
             with torch.enable_grad(), autocast, self.on_recompute(), \
                     torch.autograd.graph.saved_tensors_hooks(capture, _never_unpacked):
                 self.module(*args, **kwargs)
@@ -117,11 +119,3 @@ class SwapScope:
             return t
         ev.synchronize()
         return host.to(self.device, non_blocking=True)
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False

@@ -100,7 +100,7 @@ class HostArena:
 
     @property
     def capacity(self) -> int:
-        """Mapped (and, when pinned, registered) bytes: the budget rounded up to 2 MiB."""
+        """Mapped bytes: the budget rounded up to 2 MiB (pinning registers only the budget, in whole pages)."""
         return self._arena.capacity
 
     @property

@@ -188,8 +188,6 @@ class Engine:
         self._poisoned = False
         self._final = True
         self.window = 0
-        for u in self.units:
-            u.st.acc_window = u.st.final_window = -1
         self._found_inf = torch.zeros((), dtype=torch.bool, device=self.device)
 
     # ---- the training loop ----------------------------------------------------------------------------------
@@ -289,15 +287,14 @@ class Engine:
         st = u.st
         if ev is not None:
             ev.synchronize()
-        g = st.grad
         if self.grad_accum > 1:
             if fresh:
                 if first:
-                    st.acc.copy_(g)
+                    st.acc.copy_(st.grad)
                 else:
-                    st.acc.add_(g)
-            g = st.acc
+                    st.acc.add_(st.grad)
             st.grad_free.set()
+        g = self._host_grad(u)
         if not final:
             return
         st.sumsq = grad_sumsq(g)
@@ -310,6 +307,10 @@ class Engine:
             self._finish_unit(u)
             return
         self._update_host(u, g, hyper, 1.0)
+
+    def _host_grad(self, u):
+        """The host gradients an update of u consumes: the window's fp32 accumulator, or the landed buffer."""
+        return u.st.acc if self.grad_accum > 1 else u.st.grad
 
     def _update_host(self, u, g, hyper, scale):
         t0 = now_ns() if self.profiler else 0
@@ -367,8 +368,7 @@ class Engine:
                 self.unit_opt.update_device(u, hyper, scale)
                 self._finish_unit(u)
             for u in host:     # forward order: the next forward waits for each unit's own update only
-                g = u.st.acc if self.grad_accum > 1 else u.st.grad
-                self.worker.submit(lambda u=u, g=g: self._update_host(u, g, hyper, scale))
+                self.worker.submit(lambda u=u: self._update_host(u, self._host_grad(u), hyper, scale))
             self.worker.submit(self.unit_opt.next_step)
             self.steps_applied += 1
             return True

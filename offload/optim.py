@@ -184,16 +184,16 @@ class UnitOptimizer:
         if nxt is not None:
             t.read_states_ahead(t.units[nxt])
         if p.params_home == "gpu":
-            with torch.cuda.stream(t.h2d) if t.cuda else _null():
-                if t.cuda:
+            if t.cuda:
+                with torch.cuda.stream(t.h2d):
                     t.h2d.wait_event(st.compute_done)
                     st.flat[:u.numel_train].copy_(out, non_blocking=True)
                     t.moved["h2d"] += u.numel_train * t.itemsize
                     ev = torch.cuda.Event()
                     ev.record(t.h2d)
                     st.update_event = ev
-                else:
-                    st.flat[:u.numel_train].copy_(out)
+            else:
+                st.flat[:u.numel_train].copy_(out)
         elif p.params_home == "nvme":
             ticket = t.store.submit_write(st.home_obj, 0, as_buffer(out_slot[:u.numel_train * t.itemsize]))
             t.moved["disk_write"] += u.numel_train * t.itemsize
@@ -217,14 +217,6 @@ class UnitOptimizer:
                                     [torch.tensor(float(step), device=g.device)], lr=lr, beta1=betas[0],
                                     beta2=betas[1], weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
         st.flat[:u.numel_train].copy_(st.master)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def finite(x):
