@@ -148,6 +148,9 @@ CHILD = textwrap.dedent("""
     from conftest import make_engine, HP
     from models import make_mlp, mlp_batches
     import offload
+    # A shell that starts this suite in the background ignores SIGINT, and Python then keeps it ignored:
+    # ask for the KeyboardInterrupt behaviour an interactive user gets.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     out, nvme_root, ckpt, steps, resume, interrupt_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), \\
         sys.argv[5] == "1", int(sys.argv[6])
     torch.manual_seed(0)
