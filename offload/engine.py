@@ -279,7 +279,7 @@ class Engine:
         if final:
             st.updated.clear()
         hyper = self.optimizer.hyper()
-        self.worker.submit(lambda: self._land(u, ev, first, final, hyper))
+        self.worker.submit(lambda: self._land(u, ev, first, final, hyper), priority=u.index)
 
     def _land(self, u, ev, first, final, hyper, fresh=True):
         """Worker thread: gradients of u have (or will have, after ev) landed in its host buffer; with
@@ -349,7 +349,8 @@ class Engine:
             if u.st.final_window != w:   # gradients came only from earlier micro-batches of the window
                 u.st.final_window = w
                 u.st.updated.clear()
-                self.worker.submit(lambda u=u: self._land(u, None, False, True, hyper, fresh=False))
+                self.worker.submit(lambda u=u: self._land(u, None, False, True, hyper, fresh=False),
+                                   priority=u.index)
         if self.mode == "deferred":
             self.worker.sync()
             total = sum(u.st.sumsq for u in host)
@@ -368,7 +369,8 @@ class Engine:
                 self.unit_opt.update_device(u, hyper, scale)
                 self._finish_unit(u)
             for u in host:     # forward order: the next forward waits for each unit's own update only
-                self.worker.submit(lambda u=u: self._update_host(u, self._host_grad(u), hyper, scale))
+                self.worker.submit(lambda u=u: self._update_host(u, self._host_grad(u), hyper, scale),
+                                   priority=u.index)
             self.worker.submit(self.unit_opt.next_step)
             self.steps_applied += 1
             return True

@@ -9,9 +9,15 @@ both modes a unit with a non-finite gradient is never updated (its moments stay 
 skips the whole step atomically; eager mode can only skip the units that had not been updated yet when
 the non-finite gradient appeared (it warns and step() returns False): pass clip_grad_norm=float("inf")
 for the all-or-nothing skip without clipping.
+
+Note [update order]: gradients land last layer first, but the next forward needs the first layer first.
+Updated in landing order, the first layer would be updated last and the whole next forward would wait for
+the whole CPU AdamW. So the worker runs queued updates lowest unit index (forward order) first: during
+backward it takes the most recently landed unit; once backward ends it works up from the first layer
+while the next forward follows it unit by unit, and the CPU stays busy through the forward.
 """
+import heapq
 import math
-import queue
 import threading
 import warnings
 
@@ -72,13 +78,19 @@ class AdamW(torch.optim.Optimizer):
 
 
 class Worker:
-    """One thread that runs queued closures in order; an exception is kept and re-raised in the caller's
-    thread at the next sync() or submit(), never lost. The heavy calls it makes (native AdamW, store waits,
-    CUDA event syncs) release the GIL."""
+    """One thread that runs queued closures; an exception is kept and re-raised in the caller's thread at the
+    next sync() or submit(), never lost. The heavy calls it makes (native AdamW, store waits, CUDA event
+    syncs) release the GIL.
+
+    Order (Note [update order]): a closure submitted with a priority may overtake other prioritised closures
+    queued before it, lowest priority first (ties in submission order); one submitted without a priority is a
+    barrier: it runs after everything submitted before it and before everything submitted after it."""
 
     def __init__(self, name="offload-optim", on_error=None):
         self.on_error = on_error   # called on the worker thread after a failure: must unblock every waiter
-        self.q = queue.Queue()
+        self.heap = []             # (epoch, priority, seq, fn): epochs are separated by barriers
+        self.epoch = 0
+        self.seq = 0
         self.error = None
         self.pending = 0
         self.cv = threading.Condition()
@@ -87,7 +99,9 @@ class Worker:
 
     def _loop(self):
         while True:
-            fn = self.q.get()
+            with self.cv:
+                self.cv.wait_for(lambda: self.heap)
+                fn = heapq.heappop(self.heap)[3]
             if fn is None:
                 return
             try:
@@ -102,11 +116,21 @@ class Worker:
                     self.pending -= 1
                     self.cv.notify_all()
 
-    def submit(self, fn):
+    def submit(self, fn, priority=None):
         self.raise_error()
+        self._push(fn, priority)
+
+    def _push(self, fn, priority):
         with self.cv:
-            self.pending += 1
-        self.q.put(fn)
+            if fn is not None:
+                self.pending += 1
+            self.seq += 1
+            if priority is None:   # a barrier closes its epoch
+                heapq.heappush(self.heap, (self.epoch, math.inf, self.seq, fn))
+                self.epoch += 1
+            else:
+                heapq.heappush(self.heap, (self.epoch, priority, self.seq, fn))
+            self.cv.notify_all()
 
     def sync(self):
         with self.cv:
@@ -120,7 +144,7 @@ class Worker:
 
     def close(self):
         if self.thread.is_alive():
-            self.q.put(None)
+            self._push(None, None)
             self.thread.join()
 
 

@@ -1,0 +1,57 @@
+"""The optimizer worker's order (Note [update order] in offload/optim.py): prioritised closures run lowest
+priority first among those queued, barriers keep everything on their side of them."""
+import threading
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from offload.optim import Worker
+
+
+def _run(ops):
+    """ops: list of priorities (None: barrier). The worker is held until all are queued, so order is decided
+    by the queue alone."""
+    gate = threading.Event()
+    w = Worker()
+    ran = []
+    w.submit(gate.wait)       # a barrier that holds the thread
+    for i, p in enumerate(ops):
+        w.submit(lambda i=i: ran.append(i), priority=p)
+    gate.set()
+    w.sync()
+    w.close()
+    return ran
+
+
+def _expected(ops):
+    out, epoch = [], []
+    for i, p in enumerate(ops):
+        if p is None:
+            out += [j for _, j in sorted(epoch)] + [i]
+            epoch = []
+        else:
+            epoch.append((p, i))
+    return out + [j for _, j in sorted(epoch)]
+
+
+def test_lowest_priority_first_barriers_hold():
+    assert _run([5, 3, 4, None, 1, 0]) == [1, 2, 0, 3, 5, 4]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.one_of(st.none(), st.integers(0, 6)), max_size=30))
+def test_order_matches_the_rule(ops):
+    assert _run(ops) == _expected(ops)
+
+
+def test_error_reraised_in_caller_and_later_closures_skipped():
+    w = Worker()
+    ran, gate = [], threading.Event()
+    w.submit(gate.wait)
+    w.submit(lambda: 1 / 0, priority=0)
+    w.submit(lambda: ran.append(1), priority=1)
+    gate.set()
+    with pytest.raises(ZeroDivisionError):
+        w.sync()
+    assert ran == []
+    w.close()
