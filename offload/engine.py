@@ -14,7 +14,10 @@ from .adam import grad_sumsq
 from .errors import ConfigError
 from .groups import split_units
 from .optim import AdamW, UnitOptimizer, Worker, finite, warn_nonfinite
-from .plan import plan_placement
+from . import plan as plan_mod
+from .device_update import DeviceUpdater, chunk_elems
+from .machine import machine_rates
+from .plan import assign_update_sites, plan_placement
 from .profiler import Profiler
 from .sizes import parse_size
 from .stream import Streamer
@@ -135,6 +138,7 @@ class Engine:
                                    cpu_budget=cpu_b, nvme=nvme_paths, grad_accum=grad_accum,
                                    activations=activations, act_reserve=act_reserve)
         self.plan.budgets["nvme"] = None
+        self._plan_update_sites(gpu_b, act_reserve)
         if nvme_paths and self.plan.bytes["nvme"]:
             self._check_disk_space(nvme_paths)
         self.profiler = Profiler(trace) if trace else None
@@ -153,6 +157,18 @@ class Engine:
         except BaseException:
             self.close()
             raise
+
+    def _plan_update_sites(self, gpu_b, act_reserve):
+        """Part of the CPU AdamW on the compute device (Note [device-side AdamW] in plan.py). Only where each
+        unit's update can run as soon as its own gradients are complete: no clipping (which needs every
+        gradient first) and no accumulation window."""
+        share = plan_mod.DEVICE_UPDATE_SHARE
+        if self.mode != "eager" or self.grad_accum != 1 or not (self.device.type == "cuda" or share is not None):
+            return
+        rates = machine_rates(self.device)
+        used = self.plan.bytes["gpu"] + self.plan.buffers["gpu_stream"]
+        room = float("inf") if gpu_b is None else gpu_b - act_reserve - used
+        assign_update_sites(self.plan, rates, gpu_room=room, share=share)
 
     def _check_disk_space(self, paths):
         need = self.plan.bytes["nvme"]
@@ -177,6 +193,9 @@ class Engine:
                     mod._buffers[name] = b.to(self.device)
         self.optimizer.param_groups[0]["params"] = [s.param for u in self.units for s in u.slots if s.trainable]
         self.unit_opt = UnitOptimizer(self.tiers)
+        dev_units = [u.numel_train for u in self.units if u.plan.update_on == "device"]
+        self.device_updater = DeviceUpdater(self.device, self._count_moved, chunk_elems(max(dev_units, default=1)))
+        self._device_updated = []   # units updated on the device this step, with their skip flags
         self.worker = Worker(on_error=self._unblock_all)
         self.tiers.check = self.worker.raise_error
         self.streamer = Streamer(self.units, self.tiers, self.plan, self._on_unit_grads, self.profiler)
@@ -237,7 +256,9 @@ class Engine:
         t_gather = now_ns() if self.profiler else 0
         views, grads = [], []
         target = st.dgrad if u.plan.states_home == "gpu" else None
-        if target is None:
+        if u.plan.update_on == "device":
+            target = torch.zeros(u.numel_train, dtype=self.dtype, device=self.device)
+        elif target is None:
             st.grad_free.wait()        # the optimizer has consumed the previous gradients of this unit
             st.grad_free.clear()
             if tiers.cuda:
@@ -263,6 +284,9 @@ class Engine:
                 self._found_inf.logical_or_(~torch.isfinite(target).all())
         if u.plan.states_home == "gpu":
             return
+        if u.plan.update_on == "device":
+            self._update_on_device(u, target)
+            return
         tiers.moved["d2h"] += u.numel_train * tiers.itemsize
         if self.profiler:
             self.profiler.record(KIND_D2H, u.index, u.numel_train * tiers.itemsize, t_gather)
@@ -280,6 +304,29 @@ class Engine:
             st.updated.clear()
         hyper = self.optimizer.hyper()
         self.worker.submit(lambda: self._land(u, ev, first, final, hyper), priority=u.index)
+
+    def _update_on_device(self, u, grad):
+        """Queues u's AdamW on the device (eager mode, one micro-batch a window: its gradients are final).
+        A non-finite gradient anywhere so far this step leaves the unit untouched, on the device by the
+        fused kernel's found_inf flag; step() then takes back the step counts."""
+        st = u.st
+        steps_before = list(st.steps)
+        segments = self.unit_opt._segments(u)
+        st.has_grad = [False] * len(st.has_grad)
+        hyper = self.optimizer.hyper()
+        if self.tiers.cuda:
+            flag = self._found_inf.float()   # this step's flag so far, before the event the update waits on
+            ready = torch.cuda.Event()
+            ready.record()
+            st.update_event = self.device_updater.update(u, grad, segments, hyper, ready, flag)
+        else:
+            flag = self._found_inf.clone()
+            if not bool(flag):
+                self.device_updater.update(u, grad, segments, hyper)
+        self._device_updated.append((u, flag, steps_before))
+
+    def _count_moved(self, direction, nbytes):
+        self.tiers.moved[direction] += nbytes
 
     def _land(self, u, ev, first, final, hyper, fresh=True):
         """Worker thread: gradients of u have (or will have, after ev) landed in its host buffer; with
@@ -375,7 +422,15 @@ class Engine:
             self.steps_applied += 1
             return True
         # eager: host units were updated as their gradients landed (Note [update modes]).
+        device_updated, self._device_updated = self._device_updated, []
         if found_inf:
+            flagged = [u for u, flag, _ in device_updated if bool(flag)]
+            for u, flag, steps_before in device_updated:
+                if bool(flag):          # its update was skipped: it did not take a step
+                    u.st.steps = steps_before
+            self.worker.sync()
+            if flagged and not self._poisoned:   # the CPU side did not warn: the first bad unit was here
+                warn_nonfinite(flagged[0].name, self.steps_skipped + 1)
             self.steps_skipped += 1
             for u in dev:
                 self._finish_unit(u)

@@ -34,6 +34,7 @@ class UnitPlan:
     params_home: str   # "gpu" | "cpu" | "nvme"
     states_home: str   # "gpu" | "cpu" | "nvme" | "-" (frozen unit: no states)
     activations: str = "keep"
+    update_on: str = "host"   # where AdamW runs for arena states: "host" (CPU) or "device" (streamed through it)
 
 
 @dataclass
@@ -80,13 +81,16 @@ class Plan:
             what = "step" if self.compute_included else "state traffic per step (compute excluded)"
             lines.append(f"predicted {what}: {self.predicted_step_s:.3f} s, "
                          f"bound by {self.bottleneck} (" + ", ".join(f"{k} {v:.3f} s" for k, v in self.resource_s.items()) + ")")
-        lines.append(f"{'unit':<28}{'elements':>14}  params  states  activations")
+        lines.append(f"{'unit':<28}{'elements':>14}  params  states  adamw   activations")
         shown = self.units if len(self.units) <= 12 else self.units[:5] + [None] + self.units[-5:]
         for u in shown:
             if u is None:
                 lines.append(f"{'...':<28}")
                 continue
-            lines.append(f"{u.name[:27]:<28}{u.numel:>14,}  {u.params_home:<6}  {u.states_home:<6}  {u.activations}")
+            where = "-" if u.states_home == "-" else ("gpu" if u.states_home == "gpu" or u.update_on == "device"
+                                                       else "cpu")
+            lines.append(f"{u.name[:27]:<28}{u.numel:>14,}  {u.params_home:<6}  {u.states_home:<6}  {where:<6}  "
+                         f"{u.activations}")
         lines += self.notes
         return "\n".join(lines)
 
@@ -235,6 +239,8 @@ def plan_placement(units, *, itemsize, device, gpu_budget, cpu_budget, nvme, gra
     return plan
 
 
+DEVICE_UPDATE_SHARE = None   # None: the planner balances CPU and device-side AdamW (tests force a share)
+
 DEFAULT_RATES = {   # used until a probe of this machine is given: a PCIe 4 workstation with one NVMe SSD
     "pcie_gb_s": 25.0, "disk_gb_s": 2.0, "cpu_adam_gparams_s": 1.0,
 }
@@ -250,7 +256,9 @@ def state_traffic_bytes(units, plans, itemsize, micro_batches=1):
         pb, tb = u.numel * itemsize, u.numel_train * itemsize
         if p.params_home != "gpu":
             pcie += 2 * pb * m                 # forward and backward fetch
-        if p.states_home in ("cpu", "nvme"):
+        if p.update_on == "device":
+            pcie += 2 * u.numel_train * STATE_BYTES   # master/m/v in and back out (Note [device-side AdamW])
+        elif p.states_home in ("cpu", "nvme"):
             pcie += tb * m                     # gradients out
             adam += u.numel_train
             if p.params_home == "gpu":
@@ -280,6 +288,56 @@ def predict_state_traffic(units, plans, itemsize, rates=None):
            "cpu_adam": b["adam_elems"] / (r["cpu_adam_gparams_s"] * 1e9)}
     worst = max(res, key=res.get)
     return res[worst], worst, res
+
+
+def assign_update_sites(plan, rates, *, gpu_room, share=None):
+    """Moves part of the CPU AdamW onto the compute device (Note [device-side AdamW]): units whose states are
+    in the arena and whose params are resident there may have their states streamed through the device and
+    updated by the fused kernel. share: the fraction of those elements to move (None: the one that balances
+    the CPU AdamW against PCIe, from rates). gpu_room: device bytes free for the staging buffers. Updates
+    plan in place (update_on, the host gradient buffers they no longer need, the prediction)."""
+    from .device_update import chunk_elems, staging_bytes
+    cand = [p for p in plan.units if p.states_home == "cpu" and p.params_home == "gpu" and p.numel_train]
+    if not cand:
+        return
+    staging = staging_bytes(chunk_elems(max(p.numel_train for p in cand))) if plan.device.startswith("cuda") else 0
+    if gpu_room < staging:
+        return
+    r = dict(DEFAULT_RATES, **{k: v for k, v in rates.items() if v is not None})
+    total = sum(p.numel_train for p in cand)
+    if share is None:
+        # Per element: CPU seconds 1/cpu_rate; device-side, 12 B each way over one direction's rate minus the
+        # 2 B gradient out and 2 B params in it no longer moves. Balance the CPU against PCIe, which also
+        # carries everything else it carries now.
+        t_cpu = 1 / (r["cpu_adam_gparams_s"] * 1e9)
+        one_way = min(r.get("pcie_h2d_gb_s") or r["pcie_gb_s"], r.get("pcie_d2h_gb_s") or r["pcie_gb_s"]) * 1e9
+        t_dev = (STATE_BYTES - plan.itemsize) / one_way
+        base = state_traffic_bytes(plan.units, plan.units, plan.itemsize)["pcie"] / 2 / one_way
+        share = min(1.0, max(0.0, (total * t_cpu - base) / (t_cpu + t_dev) / total))
+    if share <= 0:
+        return
+    moved = done = 0
+    for p in cand:                # interleaved, so both resources get work all through backward
+        done += p.numel_train
+        if moved < share * done:
+            p.update_on = "device"
+            moved += p.numel_train
+    freed = sum(_grad_bytes(p, "gpu", "cpu", plan.itemsize, 1) for p in cand if p.update_on == "device")
+    plan.buffers["cpu_grads"] -= freed
+    plan.buffers["cpu_arena"] -= freed
+    plan.buffers["gpu_adamw_staging"] = staging
+    plan.predicted_step_s, plan.bottleneck, plan.resource_s = predict_state_traffic(
+        plan.units, plan.units, plan.itemsize, rates)
+    plan.notes.append(f"AdamW of {moved / 1e9:.2f} G of {total / 1e9:.2f} G arena-state elements runs on the "
+                      f"device, streamed through it (balances the CPU AdamW against PCIe)")
+
+
+# Note [device-side AdamW]
+# Arena states can be updated by the CPU AdamW (the gradients go out, the updated compute-dtype params come
+# back) or streamed through the compute device and updated there (12 B of master/m/v each way per element).
+# The CPU is bound by host memory bandwidth and PCIe idles while params are resident, so the planner gives
+# each the share that balances them (device_update.py); both then hide under compute far better than the
+# CPU alone.
 
 
 # Note [step-time model]

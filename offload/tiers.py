@@ -50,6 +50,7 @@ class UnitStorage:
     disk_slot: object = None
     states_write: object = None         # Pending NVMe write of the states
     update_event: object = None         # device copy of the CPU AdamW output done
+    states_event: object = None         # device-side AdamW: copy of the states back to the arena done
     grad_event: object = None           # device->host gradient copy done
     compute_done: object = None         # compute stream passed the unit's backward
     updated: threading.Event = field(default_factory=lambda: _set_event())     # no optimizer update pending
@@ -173,11 +174,12 @@ class Tiers:
                     st.master, st.exp_avg, st.exp_avg_sq = (self._host(n, torch.float32) for _ in range(3))
                 else:
                     st.states_obj = self.store.create(n * 12)
-                st.grad = self._host(n, self.dtype)
-                if self.grad_accum > 1:
-                    st.acc = self._host(n, torch.float32)
-                if p.params_home == "gpu":
-                    st.out = self._host(n, self.dtype)
+                if p.update_on == "host":   # device-side AdamW keeps gradients and output on the device
+                    st.grad = self._host(n, self.dtype)
+                    if self.grad_accum > 1:
+                        st.acc = self._host(n, torch.float32)
+                    if p.params_home == "gpu":
+                        st.out = self._host(n, self.dtype)
 
     def load_initial(self, u, values):
         """values: fp32 CPU flat of u.numel holding the unit's parameters (padding zero); moments start at 0."""

@@ -1,0 +1,109 @@
+"""AdamW on the compute device for arena states (Note [device-side AdamW] in offload/plan.py).
+
+On the CPU the compute device is the CPU, so the schedule runs synchronously with the engine's fp32 AdamW:
+these tests hold its bookkeeping (which units, step counts, skipped steps, checkpoints) to plain PyTorch.
+The CUDA path (side streams, staging chunks, the fused kernel) is in test_engine_gpu.py."""
+import copy
+
+import pytest
+import torch
+
+import offload
+from offload import plan as plan_mod
+from offload.plan import DEFAULT_RATES, assign_update_sites, plan_placement
+from offload.groups import split_units
+from conftest import HP, Run, assert_runs_match, param_count, run_reference, train_engine
+from models import make_gpt, make_mlp, mlp_batches, token_batches
+
+
+def _engine(model, share, monkeypatch, **kw):
+    """Params resident on the compute side, states in the arena, a forced device-side share."""
+    monkeypatch.setattr(plan_mod, "DEVICE_UPDATE_SHARE", share)
+    n = param_count(model)
+    return offload.engine(model, optimizer=offload.AdamW(**HP), device="cpu", dtype=torch.float32,
+                          gpu_memory=4 * n + (1 << 16), cpu_memory=None, **kw)
+
+
+@pytest.mark.parametrize("share", [0.5, 1.0])
+@pytest.mark.parametrize("make, batches", [(make_mlp, mlp_batches), (make_gpt, token_batches)])
+def test_parity_with_torch_adamw(make, batches, share, monkeypatch):
+    model, data = make(), batches(5)
+    ref = run_reference(model, data)
+    with _engine(copy.deepcopy(model), share, monkeypatch) as eng:
+        sites = [p.update_on for p in eng.plan.units if p.states_home == "cpu"]
+        assert "device" in sites and (share == 1.0) == ("host" not in sites), sites
+        got = train_engine(eng, data)
+    assert all(got.stepped)
+    assert_runs_match(got, ref, model)
+
+
+def test_nonfinite_gradient_skips_device_updates(monkeypatch):
+    """A poisoned micro-batch in eager mode: every unit is updated on the device, all are skipped, no step
+    count moves, and training then follows a reference that skipped that batch."""
+    model, data = make_mlp(), mlp_batches(5)
+    ref = run_reference(model, data, skip={2})
+    with _engine(copy.deepcopy(model), 1.0, monkeypatch) as eng:
+        got = train_engine(eng, data[:2])
+        before = eng.state_dict()
+        loss = eng(**data[2]).loss
+        got.losses.append(loss.item())
+        eng.backward(loss * float("inf"))
+        with pytest.warns(RuntimeWarning, match="non-finite gradient"):
+            got.stepped.append(eng.step())
+        after = eng.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        rest = train_engine(eng, data[3:])
+    assert got.stepped == [True, True, False]
+    got.losses += rest.losses
+    got.stepped += rest.stepped
+    got.state = rest.state
+    assert_runs_match(got, ref, model)
+
+
+def test_resume_from_checkpoint_equals_uninterrupted(monkeypatch, tmp_path):
+    model, data = make_gpt(), token_batches(6)
+    with _engine(copy.deepcopy(model), 0.5, monkeypatch) as eng:
+        full = train_engine(eng, data)
+    with _engine(copy.deepcopy(model), 0.5, monkeypatch) as eng:
+        train_engine(eng, data[:3])
+        eng.save(tmp_path / "ckpt")
+    with _engine(copy.deepcopy(model), 0.5, monkeypatch) as eng:
+        eng.load(tmp_path / "ckpt")
+        rest = train_engine(eng, data[3:])
+    assert rest.losses == full.losses[3:]
+    for k in full.state:
+        assert torch.equal(rest.state[k], full.state[k]), k
+
+
+def _plan(model):
+    units = split_units(model)
+    n = param_count(model)
+    return units, plan_placement(units, itemsize=2, device="cuda:0", gpu_budget=2 * n + (1 << 16),
+                                 cpu_budget=None, nvme=None, grad_accum=1, activations="keep")
+
+
+def test_planner_balances_cpu_against_pcie():
+    """With CPU AdamW at the rate PCIe streams states (12 B per element each way) and nothing else on PCIe,
+    about half the elements go to the device, interleaved, and the host gradient buffers they no longer
+    need leave the arena."""
+    units, plan = _plan(make_gpt())
+    arena = plan.arena_bytes
+    pcie = 12.0   # GB/s each way: 1e9 elements/s of states
+    rates = dict(DEFAULT_RATES, cpu_adam_gparams_s=1.0, pcie_h2d_gb_s=pcie, pcie_d2h_gb_s=pcie, pcie_gb_s=2 * pcie)
+    assign_update_sites(plan, rates, gpu_room=float("inf"))
+    cand = [p for p in plan.units if p.states_home == "cpu"]
+    dev = sum(p.numel_train for p in cand if p.update_on == "device")
+    total = sum(p.numel_train for p in cand)
+    # balance: (total - dev) / 1e9 = base + dev * 10 B / 12e9, base = the gradients and params it still moves
+    assert 0.3 * total < dev < 0.6 * total, (dev, total)
+    assert plan.arena_bytes < arena
+    assert "adamw" in str(plan) and "runs on the device" in plan.notes[-1]
+
+
+def test_planner_leaves_cpu_alone_without_room_or_candidates():
+    units, plan = _plan(make_gpt())
+    assign_update_sites(plan, DEFAULT_RATES, gpu_room=0)
+    assert all(p.update_on == "host" for p in plan.units)
+    rates = dict(DEFAULT_RATES, cpu_adam_gparams_s=1000.0)     # a CPU far faster than PCIe: nothing to gain
+    assign_update_sites(plan, rates, gpu_room=float("inf"))
+    assert all(p.update_on == "host" for p in plan.units)
