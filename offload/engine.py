@@ -15,7 +15,7 @@ from .errors import ConfigError
 from .groups import split_units
 from .optim import AdamW, UnitOptimizer, Worker, finite, warn_nonfinite
 from . import plan as plan_mod
-from .device_update import DeviceUpdater, chunk_elems
+from .device_update import DeviceUpdater, chunk_elems, staging_bytes
 from .machine import machine_rates
 from .plan import assign_update_sites, plan_placement
 from .profiler import Profiler
@@ -134,11 +134,17 @@ class Engine:
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         # Until the planner knows batch and sequence, a share of the device budget is kept for activations.
         act_reserve = int(gpu_b * ACTIVATION_SHARE) if (self.device.type == "cuda" and gpu_b) else 0
+        # Room for device-side AdamW's staging buffers is kept beside the activations, so that states placed
+        # on the device cannot crowd it out (Note [device-side AdamW] in plan.py).
+        staging = self._update_staging_bytes()
+        act_reserve += staging
         self.plan = plan_placement(self.units, itemsize=itemsize, device=str(self.device), gpu_budget=gpu_b,
                                    cpu_budget=cpu_b, nvme=nvme_paths, grad_accum=grad_accum,
                                    activations=activations, act_reserve=act_reserve)
         self.plan.budgets["nvme"] = None
-        self._plan_update_sites(gpu_b, act_reserve)
+        if staging is not None:
+            assign_update_sites(self.plan, machine_rates(self.device), gpu_room=staging,
+                                share=plan_mod.DEVICE_UPDATE_SHARE)
         if nvme_paths and self.plan.bytes["nvme"]:
             self._check_disk_space(nvme_paths)
         self.profiler = Profiler(trace) if trace else None
@@ -158,17 +164,15 @@ class Engine:
             self.close()
             raise
 
-    def _plan_update_sites(self, gpu_b, act_reserve):
-        """Part of the CPU AdamW on the compute device (Note [device-side AdamW] in plan.py). Only where each
-        unit's update can run as soon as its own gradients are complete: no clipping (which needs every
-        gradient first) and no accumulation window."""
-        share = plan_mod.DEVICE_UPDATE_SHARE
-        if self.mode != "eager" or self.grad_accum != 1 or not (self.device.type == "cuda" or share is not None):
-            return
-        rates = machine_rates(self.device)
-        used = self.plan.bytes["gpu"] + self.plan.buffers["gpu_stream"]
-        room = float("inf") if gpu_b is None else gpu_b - act_reserve - used
-        assign_update_sites(self.plan, rates, gpu_room=room, share=share)
+    def _update_staging_bytes(self):
+        """Device bytes for device-side AdamW, or None where it does not apply: it needs each unit's update to
+        run as soon as that unit's gradients are complete, so no clipping (which needs every gradient first)
+        and no accumulation window; and a GPU, unless a test forces a share on the CPU."""
+        if self.mode != "eager" or self.grad_accum != 1:
+            return None
+        if self.device.type != "cuda":
+            return 0 if plan_mod.DEVICE_UPDATE_SHARE is not None else None
+        return staging_bytes(chunk_elems(max((u.numel_train for u in self.units), default=1)))
 
     def _check_disk_space(self, paths):
         need = self.plan.bytes["nvme"]

@@ -328,8 +328,8 @@ def assign_update_sites(plan, rates, *, gpu_room, share=None):
     plan.buffers["gpu_adamw_staging"] = staging
     plan.predicted_step_s, plan.bottleneck, plan.resource_s = predict_state_traffic(
         plan.units, plan.units, plan.itemsize, rates)
-    plan.notes.append(f"AdamW of {moved / 1e9:.2f} G of {total / 1e9:.2f} G arena-state elements runs on the "
-                      f"device, streamed through it (balances the CPU AdamW against PCIe)")
+    plan.notes.append(f"AdamW of {moved:,} of the {total:,} arena-state elements runs on the device, their "
+                      f"states streamed through it (balancing the CPU AdamW against PCIe)")
 
 
 # Note [device-side AdamW]

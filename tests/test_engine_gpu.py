@@ -175,10 +175,17 @@ def _device_update_engine(model, share, monkeypatch):
     import offload
     from offload import plan as plan_mod
     monkeypatch.setattr(plan_mod, "DEVICE_UPDATE_SHARE", share)
-    n = param_count(model)
-    # params (bf16) resident with room for activations; fp32 states (16 B/param) cannot fit: arena states
+    from offload.device_update import chunk_elems, staging_bytes
+    from offload.engine import ACTIVATION_SHARE
+    from offload.groups import split_units
+    units = split_units(model)
+    flat_bytes = 2 * sum(u.numel for u in units)     # the units' padded bf16 flat buffers
+    staging = staging_bytes(chunk_elems(max(u.numel_train for u in units)))
+    # bf16 params resident (the budget's activation share and the staging buffers kept aside); the fp32
+    # states (16 B/param) cannot fit beside them: arena states
     return offload.engine(model, optimizer=offload.AdamW(**GPU_HP), device="cuda", dtype=BF16,
-                          gpu_memory=int(2 * n / (1 - 0.4)) + (64 << 20), cpu_memory=None)
+                          gpu_memory=int((flat_bytes + (8 << 10) + staging) / (1 - ACTIVATION_SHARE)) + 1,
+                          cpu_memory=None)
 
 
 @pytest.mark.parametrize("share", [0.5, 1.0])
