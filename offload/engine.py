@@ -16,7 +16,7 @@ from .groups import split_units
 from .optim import AdamW, UnitOptimizer, Worker, finite, warn_nonfinite
 from .plan import plan_placement
 from .profiler import Profiler
-from .sizes import parse_size
+from .sizes import fmt_bytes, parse_size
 from .stream import Streamer
 from .tiers import KIND_D2H, KIND_OPTIM, Tiers
 from ._native import now_ns
@@ -60,10 +60,20 @@ def _check_nvme(nvme):
         p = os.path.abspath(os.path.expanduser(os.fspath(p)))
         if not os.path.isdir(p):
             raise ConfigError(f"nvme path {p} does not exist or is not a directory; create it or pass another path")
-        if not os.access(p, os.W_OK | os.X_OK):
-            raise ConfigError(f"nvme path {p} is not writable by this user; pass a writable directory")
+        _prove_writable(p)
         out.append(p)
     return out
+
+
+def _prove_writable(path):
+    """Creates and removes a private directory in path. os.access() is not enough: it says yes to root on a
+    0500 directory and on pseudo-filesystems (/proc, /sys) where nothing can be created."""
+    import tempfile
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".offload-check-", dir=path))
+    except OSError as e:
+        raise ConfigError(f"nvme path {path} is not writable ({e.strerror or e}); pass a directory this user can "
+                          f"create files in") from None
 
 
 def _default_budgets(device, gpu_memory, cpu_memory):
@@ -159,8 +169,8 @@ class Engine:
         free = min(os.statvfs(p).f_bavail * os.statvfs(p).f_frsize for p in paths) * len(paths)
         if free < need * 1.02:
             from .errors import BudgetError
-            raise BudgetError(f"nvme {', '.join(paths)}: {free / 2**30:.2f} GiB free, the plan puts "
-                              f"{need / 2**30:.2f} GiB there; free disk space or raise cpu_memory")
+            raise BudgetError(f"nvme {', '.join(paths)}: {fmt_bytes(free)} free, the plan puts "
+                              f"{fmt_bytes(need)} there (plus 2% headroom); free disk space or raise cpu_memory")
 
     def _setup(self):
         self.tiers.allocate(self.grad_accum)

@@ -146,7 +146,7 @@ class Streamer:
                 if j <= c + depth:
                     self.tiers.fetch(nxt)
                 else:
-                    self.tiers.prefetch_disk(nxt)
+                    self.tiers.prefetch_disk(nxt, ahead=True)
             self.cursor += 1
         else:
             seq.append(u.index)
