@@ -13,6 +13,7 @@ from .activations import POLICIES
 from .adam import grad_sumsq
 from .errors import ConfigError
 from .groups import split_units
+from .oom import device_memory_guard
 from .optim import AdamW, UnitOptimizer, Worker, finite, warn_nonfinite
 from .plan import plan_placement
 from .profiler import Profiler
@@ -141,6 +142,7 @@ class Engine:
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         # Until the planner knows batch and sequence, a share of the device budget is kept for activations.
         act_reserve = int(gpu_b * ACTIVATION_SHARE) if (self.device.type == "cuda" and gpu_b) else 0
+        self.act_reserve = act_reserve
         self.plan = plan_placement(self.units, itemsize=itemsize, device=str(self.device), gpu_budget=gpu_b,
                                    cpu_budget=cpu_b, nvme=nvme_paths, grad_accum=grad_accum,
                                    activations=activations, act_reserve=act_reserve)
@@ -211,7 +213,8 @@ class Engine:
             (args, kwargs))
         self.streamer.begin_forward()
         try:
-            return self.module(*args, **kwargs)
+            with device_memory_guard(self, "forward"):
+                return self.module(*args, **kwargs)
         finally:
             self.streamer.end_forward()
 
@@ -226,9 +229,10 @@ class Engine:
         if self.grad_accum > 1:
             loss = loss / self.grad_accum
         self.streamer.begin_backward()
-        loss.backward()
-        if self.streamer.phase != "idle":   # no hook fired (nothing required grad): finish by hand
-            self.streamer.end_backward()
+        with device_memory_guard(self, "backward"):
+            loss.backward()
+            if self.streamer.phase != "idle":   # no hook fired (nothing required grad): finish by hand
+                self.streamer.end_backward()
         self.worker.raise_error()
         if self._final:
             self._awaiting_step = True
@@ -347,6 +351,11 @@ class Engine:
         or when a non-finite gradient skipped the step)."""
         if not self._awaiting_step:
             return False
+        with device_memory_guard(self, "step"):
+            return self._step()
+
+    def _step(self):
+        """step() once an accumulation window has closed."""
         self._awaiting_step = False
         self.optimizer.step()      # a marker for LR schedulers
         found_inf = bool(self._found_inf.item())
