@@ -219,3 +219,56 @@ def test_io_uring_enter_eintr_eagain_retried_no_completion_lost(tmp_path):
         with pytest.raises(ValueError, match="EINTR, EAGAIN or EBUSY"):
             store.inject_enter_fault(errno.EIO, submits=1)
     assert_runs_match(got, ref, model)
+
+
+# ------------------------------------------------------- 13: RLIMIT_MEMLOCK too low for io_uring buffers
+
+MEMLOCK_CHILD = """
+import copy, json, resource, sys, warnings
+from conftest import make_engine, run_reference, train_engine
+from models import make_mlp, mlp_batches
+resource.setrlimit(resource.RLIMIT_MEMLOCK, (64 << 10, 64 << 10))   # the ring fits, the arena does not
+model, batches = make_mlp(), mlp_batches(3)
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    eng = make_engine(copy.deepcopy(model), mix="nvme", tmp_path=sys.argv[1])
+with eng:
+    backend, arena = eng.tiers.store.backend, eng.tiers.arena.budget
+    got = train_engine(eng, batches)
+ref = run_reference(model, batches)
+same = all(abs(a - b) <= 1e-6 + 1e-5 * abs(b) for a, b in zip(got.losses, ref.losses))
+print(json.dumps({"backend": backend, "arena": arena, "warnings": [str(x.message) for x in w], "same": same,
+                  "stepped": got.stepped}))
+"""
+
+
+@pytest.mark.skipif("io_uring" not in _native.store_backends(), reason="built without liburing")
+def test_memlock_too_low_unregistered_buffers_with_warning(tmp_path):
+    """A process whose RLIMIT_MEMLOCK (64 KiB) cannot cover the host arena: io_uring refuses to register it as
+    fixed buffers, the engine warns and uses plain reads and writes, and training equals the reference. The
+    limit binds only without CAP_IPC_LOCK, which a root test drops from the child's bounding set."""
+    import json
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, os.path.join(repo, "tests"),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    preexec = None
+    if os.geteuid() == 0:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_CAPBSET_DROP, CAP_IPC_LOCK = 24, 14
+
+        def preexec():
+            # Out of the bounding set, root's exec'd child has no CAP_IPC_LOCK, so the limit binds.
+            if libc.prctl(PR_CAPBSET_DROP, CAP_IPC_LOCK, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP, CAP_IPC_LOCK)")
+    p = subprocess.run([sys.executable, "-c", MEMLOCK_CHILD, str(tmp_path)], env=env, cwd=str(tmp_path),
+                       preexec_fn=preexec, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    if out["backend"] != "io_uring":
+        pytest.skip("io_uring ring setup refused here (kernel.io_uring_disabled?)")
+    assert out["arena"] > 64 << 10
+    assert any("could not register the host arena" in m for m in out["warnings"]), out["warnings"]
+    assert out["same"] and all(out["stepped"]), out
