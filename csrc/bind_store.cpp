@@ -174,6 +174,13 @@ void bind_store(py::module_& m) {
              s.store->inject_fault(k, err, short_io, parse_fault_op(op));
            }, py::arg("k"), py::arg("err") = 0, py::arg("short") = false, py::arg("op") = "any",
            "Test hook: the k-th next backend operation of kind op fails with -err, or transfers only part.")
+      .def("inject_enter_fault", [](PyStore& s, int err, unsigned submits, unsigned waits) {
+             s.store->inject_enter_fault(err, submits, waits);
+           }, py::arg("err"), py::arg("submits") = 0, py::arg("waits") = 0,
+           "Test hook (io_uring backend): the next `submits` io_uring_enter submissions and `waits` completion "
+           "waits fail with -err (EINTR, EAGAIN or EBUSY) without entering the kernel; they are retried.")
+      .def_property_readonly("enter_faults_armed", [](PyStore& s) { return s.store->enter_faults_armed(); },
+                             "io_uring_enter faults armed and not yet fired.")
       .def("clear_faults", [](PyStore& s) { s.store->clear_faults(); })
       .def_property_readonly("faults_armed", [](PyStore& s) { return s.store->faults_armed(); },
                              "Injected faults not yet fired (tests check that each one fired).")

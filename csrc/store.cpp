@@ -468,6 +468,16 @@ void Store::inject_fault(uint64_t k, int err, bool short_io, FaultOp op) {
   faults_.push_back(Fault{ops_seen_[int(op)] + k, err, short_io, op});
 }
 
+void Store::inject_enter_fault(int err, unsigned submits, unsigned waits) {
+  // Other errors of io_uring_enter are not transient: the backend would retry them forever, so a test must
+  // not arm them.
+  if (err != EINTR && err != EAGAIN && err != EBUSY)
+    throw std::invalid_argument("inject_enter_fault: err must be EINTR, EAGAIN or EBUSY");
+  if (!backend_->inject_enter_fault(err, submits, waits))
+    throw std::invalid_argument(std::string("inject_enter_fault: the ") + backend_->name() +
+                                " backend does not call io_uring_enter");
+}
+
 void Store::clear_faults() {
   std::lock_guard<std::mutex> lk(fault_mu_);
   faults_.clear();

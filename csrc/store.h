@@ -79,6 +79,11 @@ class Store : private IoSink {
   void inject_fault(uint64_t k, int err, bool short_io, FaultOp op);
   void clear_faults();
   size_t faults_armed();  // armed faults not yet fired
+  // The next `submits` io_uring submissions and `waits` completion waits fail with -err (EINTR, EAGAIN or
+  // EBUSY: what io_uring_enter returns transiently) before entering the kernel; they must be retried with no
+  // request lost. Throws invalid_argument on another errno or the thread-pool backend.
+  void inject_enter_fault(int err, unsigned submits, unsigned waits);
+  unsigned enter_faults_armed() const { return backend_->enter_faults_armed(); }
 
   const char* backend_name() const { return backend_->name(); }
   const std::vector<std::string>& run_dirs() const { return run_dirs_; }

@@ -36,6 +36,11 @@ class Backend {
   // of Io in flight to the queue depth the backend was built for.
   virtual void submit(Io* io) noexcept = 0;
   virtual bool register_buffer(void* p, size_t n) { return false; }
+  // Test hook (io_uring only: io_uring_enter is a raw syscall, not a libc call an interposer could fail): the
+  // next `submits` submissions and the next `waits` completion waits return -err without entering the kernel,
+  // exactly as an interrupted or refused io_uring_enter does. False where the backend has no such call.
+  virtual bool inject_enter_fault(int err, unsigned submits, unsigned waits) { return false; }
+  virtual unsigned enter_faults_armed() const { return 0; }
   // Called once no Io is in flight: joins the backend's threads.
   virtual void stop() noexcept = 0;
 };

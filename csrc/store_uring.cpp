@@ -3,12 +3,14 @@
 // Note [uring depth]: the store keeps at most queue_depth Io in flight and each Io has at most one operation
 // in the ring, so the SQ (queue_depth entries, flushed after every push) and the CQ (twice that, each CQE
 // marked seen before its Io is resubmitted) can never overflow; io_uring_enter's EAGAIN/EBUSY are therefore
-// transient kernel allocation failures, retried after a pause.
+// transient kernel allocation failures, retried after a pause. EINTR (a signal during the syscall) is retried
+// at once. A failed submit consumed no SQE, so retrying submits the same entries: nothing is lost or doubled.
 #ifdef OFFLOAD_HAVE_URING
 #include <liburing.h>
 #include <sys/uio.h>
 #include <time.h>
 
+#include <atomic>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -90,6 +92,14 @@ class UringBackend final : public Backend {
     return true;
   }
 
+  bool inject_enter_fault(int err, unsigned submits, unsigned waits) override {
+    enter_err_.store(err);
+    submit_faults_.fetch_add(submits);
+    wait_faults_.fetch_add(waits);
+    return true;
+  }
+  unsigned enter_faults_armed() const override { return submit_faults_.load() + wait_faults_.load(); }
+
   void stop() noexcept override {
     if (!reaper_.joinable()) return;
     {
@@ -111,9 +121,17 @@ class UringBackend final : public Backend {
     unsigned index;
   };
 
+  // Consumes one armed enter fault of the counter: Backend::inject_enter_fault.
+  bool take_fault(std::atomic<unsigned>& armed) noexcept {
+    unsigned n = armed.load();
+    while (n > 0 && !armed.compare_exchange_weak(n, n - 1)) {
+    }
+    return n > 0;
+  }
+
   void flush_locked() noexcept {
     while (io_uring_sq_ready(&ring_) > 0) {
-      int rc = io_uring_submit(&ring_);
+      int rc = take_fault(submit_faults_) ? -enter_err_.load() : io_uring_submit(&ring_);
       if (rc >= 0 || rc == -EINTR) continue;
       pause_us(rc == -EAGAIN || rc == -EBUSY ? 50 : 1000);
     }
@@ -130,7 +148,7 @@ class UringBackend final : public Backend {
   void reap() noexcept {
     for (;;) {
       io_uring_cqe* cqe = nullptr;
-      int rc = io_uring_wait_cqe(&ring_, &cqe);
+      int rc = take_fault(wait_faults_) ? -enter_err_.load() : io_uring_wait_cqe(&ring_, &cqe);
       if (rc == -EINTR || rc == -EAGAIN) continue;
       if (rc < 0) {
         pause_us(1000);
@@ -154,6 +172,8 @@ class UringBackend final : public Backend {
   bool sparse_ = false;
   unsigned used_ = 0;
   std::vector<Region> regions_;
+  std::atomic<int> enter_err_{0};
+  std::atomic<unsigned> submit_faults_{0}, wait_faults_{0};
 };
 
 }  // namespace

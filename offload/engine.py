@@ -13,13 +13,14 @@ from .activations import POLICIES
 from .adam import grad_sumsq
 from .errors import ConfigError
 from .groups import split_units
+from .oom import device_memory_guard
 from .optim import AdamW, UnitOptimizer, Worker, finite, warn_nonfinite
 from . import plan as plan_mod
 from .device_update import DeviceUpdater, chunk_elems, staging_bytes
 from .machine import machine_rates
 from .plan import assign_update_sites, plan_placement
 from .profiler import Profiler
-from .sizes import parse_size
+from .sizes import fmt_bytes, parse_size
 from .stream import Streamer
 from .tiers import KIND_D2H, KIND_OPTIM, Tiers
 from ._native import now_ns
@@ -63,10 +64,20 @@ def _check_nvme(nvme):
         p = os.path.abspath(os.path.expanduser(os.fspath(p)))
         if not os.path.isdir(p):
             raise ConfigError(f"nvme path {p} does not exist or is not a directory; create it or pass another path")
-        if not os.access(p, os.W_OK | os.X_OK):
-            raise ConfigError(f"nvme path {p} is not writable by this user; pass a writable directory")
+        _prove_writable(p)
         out.append(p)
     return out
+
+
+def _prove_writable(path):
+    """Creates and removes a private directory in path. os.access() is not enough: it says yes to root on a
+    0500 directory and on pseudo-filesystems (/proc, /sys) where nothing can be created."""
+    import tempfile
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".offload-check-", dir=path))
+    except OSError as e:
+        raise ConfigError(f"nvme path {path} is not writable ({e.strerror or e}); pass a directory this user can "
+                          f"create files in") from None
 
 
 def _default_budgets(device, gpu_memory, cpu_memory):
@@ -134,17 +145,9 @@ class Engine:
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         # Until the planner knows batch and sequence, a share of the device budget is kept for activations.
         act_reserve = int(gpu_b * ACTIVATION_SHARE) if (self.device.type == "cuda" and gpu_b) else 0
-        # Room for device-side AdamW's staging buffers is kept beside the activations, so that states placed
-        # on the device cannot crowd it out (Note [device-side AdamW] in plan.py).
-        staging = self._update_staging_bytes()
-        act_reserve += staging
-        self.plan = plan_placement(self.units, itemsize=itemsize, device=str(self.device), gpu_budget=gpu_b,
-                                   cpu_budget=cpu_b, nvme=nvme_paths, grad_accum=grad_accum,
-                                   activations=activations, act_reserve=act_reserve)
+        self.act_reserve = act_reserve
+        self.plan = self._place(gpu_b, cpu_b, nvme_paths, activations, act_reserve, itemsize)
         self.plan.budgets["nvme"] = None
-        if staging is not None:
-            assign_update_sites(self.plan, machine_rates(self.device), gpu_room=staging,
-                                share=plan_mod.DEVICE_UPDATE_SHARE)
         if nvme_paths and self.plan.bytes["nvme"]:
             self._check_disk_space(nvme_paths)
         self.profiler = Profiler(trace) if trace else None
@@ -164,6 +167,23 @@ class Engine:
             self.close()
             raise
 
+    def _place(self, gpu_b, cpu_b, nvme_paths, activations, act_reserve, itemsize):
+        """plan_placement, with room for device-side AdamW's staging buffers kept beside the activations
+        (so states placed on the device cannot crowd it out) where it applies and the budget allows, and
+        then the share of AdamW each side runs (Note [device-side AdamW] in plan.py)."""
+        kw = dict(itemsize=itemsize, device=str(self.device), gpu_budget=gpu_b, cpu_budget=cpu_b,
+                  nvme=nvme_paths, grad_accum=self.grad_accum, activations=activations)
+        staging = self._update_staging_bytes()
+        if staging is not None:
+            try:
+                plan = plan_placement(self.units, act_reserve=act_reserve + staging, **kw)
+            except BudgetError:
+                staging = None      # too tight for the staging buffers: AdamW stays on the CPU
+        if staging is None:
+            return plan_placement(self.units, act_reserve=act_reserve, **kw)
+        assign_update_sites(plan, machine_rates(self.device), gpu_room=staging, share=plan_mod.DEVICE_UPDATE_SHARE)
+        return plan
+
     def _update_staging_bytes(self):
         """Device bytes for device-side AdamW, or None where it does not apply: it needs each unit's update to
         run as soon as that unit's gradients are complete, so no clipping (which needs every gradient first)
@@ -179,8 +199,8 @@ class Engine:
         free = min(os.statvfs(p).f_bavail * os.statvfs(p).f_frsize for p in paths) * len(paths)
         if free < need * 1.02:
             from .errors import BudgetError
-            raise BudgetError(f"nvme {', '.join(paths)}: {free / 2**30:.2f} GiB free, the plan puts "
-                              f"{need / 2**30:.2f} GiB there; free disk space or raise cpu_memory")
+            raise BudgetError(f"nvme {', '.join(paths)}: {fmt_bytes(free)} free, the plan puts "
+                              f"{fmt_bytes(need)} there (plus 2% headroom); free disk space or raise cpu_memory")
 
     def _setup(self):
         self.tiers.allocate(self.grad_accum)
@@ -224,7 +244,8 @@ class Engine:
             (args, kwargs))
         self.streamer.begin_forward()
         try:
-            return self.module(*args, **kwargs)
+            with device_memory_guard(self, "forward"):
+                return self.module(*args, **kwargs)
         finally:
             self.streamer.end_forward()
 
@@ -239,9 +260,10 @@ class Engine:
         if self.grad_accum > 1:
             loss = loss / self.grad_accum
         self.streamer.begin_backward()
-        loss.backward()
-        if self.streamer.phase != "idle":   # no hook fired (nothing required grad): finish by hand
-            self.streamer.end_backward()
+        with device_memory_guard(self, "backward"):
+            loss.backward()
+            if self.streamer.phase != "idle":   # no hook fired (nothing required grad): finish by hand
+                self.streamer.end_backward()
         self.worker.raise_error()
         if self._final:
             self._awaiting_step = True
@@ -388,6 +410,11 @@ class Engine:
         or when a non-finite gradient skipped the step)."""
         if not self._awaiting_step:
             return False
+        with device_memory_guard(self, "step"):
+            return self._step()
+
+    def _step(self):
+        """step() once an accumulation window has closed."""
         self._awaiting_step = False
         self.optimizer.step()      # a marker for LR schedulers
         found_inf = bool(self._found_inf.item())

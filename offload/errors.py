@@ -2,6 +2,8 @@
 I/O failures are OSError subclasses carrying the path, offset, length and errno (see csrc/common.h)."""
 import errno as _errno
 
+import torch
+
 
 class StoreIOError(OSError):
     """An I/O operation of the swap store failed after retries (short transfers, EAGAIN, EINTR are retried)."""
@@ -36,3 +38,10 @@ class BudgetError(ValueError):
 
 class ConfigError(ValueError):
     """An argument to offload.engine() or the CLI is invalid; the message names it and the fix."""
+
+
+class DeviceMemoryError(torch.OutOfMemoryError):
+    """The compute device ran out of memory while the engine's planned bytes were within gpu_memory (the
+    activations of a batch, or other processes, took the rest). A torch.OutOfMemoryError, so existing
+    handlers still catch it; the message gives the budget, the plan's figures and the device's, and what to
+    change. The step it interrupted is lost: close() (or load a checkpoint into a new engine)."""

@@ -69,6 +69,7 @@ class Streamer:
         self.act_peak = 0
         self.act_adjusted = False
         self.param_storages = set()
+        self.current = None    # the unit acquired last: where an out-of-memory error is reported
 
     # ---- installation ---------------------------------------------------------------------------------
     def install(self):
@@ -105,6 +106,7 @@ class Streamer:
         self.phase = "forward"
         self.cursor = 0
         self.calls = {}
+        self.current = None
 
     def end_forward(self):
         if not self.recorded["forward"] and self.seq["forward"]:
@@ -137,6 +139,7 @@ class Streamer:
 
     # ---- acquisition and prefetch ------------------------------------------------------------------------
     def _acquire(self, u, phase):
+        self.current = u
         seq = self.seq[phase]
         if self.recorded[phase]:
             c = self.cursor
@@ -146,7 +149,7 @@ class Streamer:
                 if j <= c + depth:
                     self.tiers.fetch(nxt)
                 else:
-                    self.tiers.prefetch_disk(nxt)
+                    self.tiers.prefetch_disk(nxt, ahead=True)
             self.cursor += 1
         else:
             seq.append(u.index)

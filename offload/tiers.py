@@ -28,6 +28,11 @@ from .store import as_buffer, open_store
 
 
 _now = _native.now_ns
+# Note [slot reserve]: slots a prefetch leaves to demand paths. One is enough: the demand holders (a fetch on
+# the caller's thread, the optimizer thread's output slot, an update reading its own unit's states) each give
+# their slot back without waiting on anything the other holds, so they can share it.
+PARAM_SLOT_RESERVE = 1
+STATE_SLOT_RESERVE = 1
 KIND_H2D, KIND_D2H, KIND_OPTIM, KIND_WAIT = (_native.trace_kind.H2D, _native.trace_kind.D2H,
                                              _native.trace_kind.OPTIM, _native.trace_kind.WAIT)
 
@@ -85,19 +90,45 @@ class Pending:
 
 class SlotRing:
     """Fixed host staging buffers for NVMe traffic. A slot is handed back with the I/O ticket or CUDA
-    event that still uses it; reuse waits for that (back-pressure, never an error)."""
+    event that still uses it; reuse waits for that (back-pressure, never an error).
+
+    Note [slot reserve]: a prefetch that holds a slot keeps it until the unit is fetched, which only the
+    thread that prefetched does; if prefetches could take every slot, a fetch on demand (or the optimizer's
+    output slot) on another path would wait forever. Prefetches therefore take a slot only with
+    try_acquire(reserve), which leaves `reserve` slots to demand paths and returns None instead of waiting:
+    the prefetch is skipped and the unit is read when it is needed."""
 
     def __init__(self, arena, count, nbytes, store):
         self.store = store
-        self.free = deque(arena.tensor(nbytes, torch.uint8) for _ in range(count)) if count and nbytes else deque()
+        self.count = count if count and nbytes else 0
+        self.free = deque(arena.tensor(nbytes, torch.uint8) for _ in range(self.count))
         self.busy = deque()   # (slot, ticket or None, event or None)
-        self.lock = threading.Lock()
+        self.cond = threading.Condition()
 
     def acquire(self):
-        with self.lock:
-            if self.free:
-                return self.free.popleft()
-            slot, ticket, event = self.busy.popleft()
+        """A slot, waiting for one whose last I/O is still in flight, or for a holder to give one back."""
+        with self.cond:
+            if not self.count:
+                raise RuntimeError("SlotRing.acquire: this ring has no slots (nothing of this kind is on NVMe)")
+            self.cond.wait_for(lambda: self.free or self.busy)
+            taken = self._take_locked()
+        return self._settle(*taken)
+
+    def try_acquire(self, reserve):
+        """A slot if more than `reserve` are free or only waiting on their last I/O, else None (never
+        waits for a holder: Note [slot reserve])."""
+        with self.cond:
+            if len(self.free) + len(self.busy) <= reserve:
+                return None
+            taken = self._take_locked()
+        return self._settle(*taken)
+
+    def _take_locked(self):
+        return (self.free.popleft(), None, None) if self.free else self.busy.popleft()
+
+    @staticmethod
+    def _settle(slot, ticket, event):
+        # The slot is ours already: its last I/O or copy is waited for outside the lock.
         if ticket is not None:
             ticket.wait()
         if event is not None:
@@ -105,11 +136,12 @@ class SlotRing:
         return slot
 
     def release(self, slot, ticket=None, event=None):
-        with self.lock:
+        with self.cond:
             if ticket is None and event is None:
                 self.free.append(slot)
             else:
                 self.busy.append((slot, ticket, event))
+            self.cond.notify()
 
 
 class Tiers:
@@ -239,7 +271,10 @@ class Tiers:
         before the slot is needed, and before any other write of that unit's states."""
         if self.states_ahead is not None or u.plan.states_home != "nvme":
             return
-        slot, pending = self._read_states_into(u, self.state_slots.acquire())
+        slot = self.state_slots.try_acquire(STATE_SLOT_RESERVE)
+        if slot is None:
+            return
+        slot, pending = self._read_states_into(u, slot)
         self.states_ahead = (u, slot, pending)
 
     def drop_states_ahead(self):
@@ -266,12 +301,16 @@ class Tiers:
             self.state_slots.release(slot, ticket=ticket)
 
     # ---- compute-side residency --------------------------------------------------------------------------
-    def prefetch_disk(self, u):
+    def prefetch_disk(self, u, ahead=False):
+        """Starts the NVMe read of u's params into a staging slot. ahead=True (a prefetch, not a fetch that
+        needs the data now): skipped when taking a slot would eat into the reserve (Note [slot reserve])."""
         st = u.st
         if u.plan.params_home != "nvme" or st.disk_ticket is not None or u.state != UnitState.RELEASED:
             return
         st.updated.wait()
-        slot = self.param_slots.acquire()
+        slot = self.param_slots.try_acquire(PARAM_SLOT_RESERVE) if ahead else self.param_slots.acquire()
+        if slot is None:
+            return
         st.disk_slot = slot
         st.disk_ticket = Pending(self.store, self.store.submit_read(st.home_obj, 0, as_buffer(slot[:u.numel * self.itemsize]),
                                                                     tag=u.index))
@@ -333,12 +372,24 @@ class Tiers:
             u.st.update_event = None
 
     def release(self, u):
-        if u.plan.params_home == "gpu" or u.state == UnitState.RELEASED:
+        if u.plan.params_home == "gpu":
+            return
+        if u.state == UnitState.RELEASED:
+            self._drop_disk_prefetch(u)
             return
         if self.cuda:
             u.st.flat.record_stream(torch.cuda.current_stream(self.device))
         u.st.flat.untyped_storage().resize_(0)
         u.state = UnitState.RELEASED
+
+    def _drop_disk_prefetch(self, u):
+        """A disk read prefetched in vain (the step went another way, Note [prefetch order]) gives its slot
+        back at the end of the phase instead of holding it until the unit is next fetched."""
+        st = u.st
+        if st.disk_ticket is not None:
+            st.disk_ticket.wait()
+            self.param_slots.release(st.disk_slot)
+            st.disk_slot = st.disk_ticket = None
 
     # ---- whole-unit reads and writes (checkpoints, state_dict) ----------------------------------------------
     def read_unit(self, u):

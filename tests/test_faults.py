@@ -414,7 +414,14 @@ def test_disk_too_small_refused_at_engine(tmp_path, monkeypatch):
     with pytest.raises(offload.BudgetError) as ei:
         offload.engine(model, optimizer=offload.AdamW(**HP), device="cpu", **kw)
     msg = str(ei.value)
-    assert kw["nvme"] in msg and "0.00 GiB free" in msg and "GiB there" in msg
+    from offload.groups import split_units
+    from offload.plan import plan_placement
+    from offload.sizes import fmt_bytes
+    need = plan_placement(split_units(model), itemsize=4, device="cpu", gpu_budget=kw["gpu_memory"],
+                          cpu_budget=kw["cpu_memory"], nvme=[kw["nvme"]], grad_accum=1,
+                          activations="auto").bytes["nvme"]
+    assert need > 1 << 20
+    assert f"nvme {kw['nvme']}: 1.00 MiB free, the plan puts {fmt_bytes(need)} there" in msg, msg
     assert os.listdir(kw["nvme"]) == []
 
 
