@@ -11,7 +11,7 @@ import torch
 from . import checkpoint
 from .activations import POLICIES
 from .adam import grad_sumsq
-from .errors import ConfigError
+from .errors import BudgetError, ConfigError
 from .groups import split_units
 from .oom import device_memory_guard
 from .optim import AdamW, UnitOptimizer, Worker, finite, warn_nonfinite
@@ -198,7 +198,6 @@ class Engine:
         need = self.plan.bytes["nvme"]
         free = min(os.statvfs(p).f_bavail * os.statvfs(p).f_frsize for p in paths) * len(paths)
         if free < need * 1.02:
-            from .errors import BudgetError
             raise BudgetError(f"nvme {', '.join(paths)}: {fmt_bytes(free)} free, the plan puts "
                               f"{fmt_bytes(need)} there (plus 2% headroom); free disk space or raise cpu_memory")
 
