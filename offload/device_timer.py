@@ -41,11 +41,12 @@ class _Anchor:
 class DeviceTimer:
     """Times spans on device streams. emit(kind, unit, nbytes, t_start_ns, t_end_ns) receives each span
     once its events have completed, on the thread that calls resolve(). new_event() makes a timing event
-    (torch.cuda.Event(enable_timing=True) on a GPU; tests pass stand-ins). Thread-safe: spans may begin
-    and end on the optimizer thread while the main thread resolves."""
+    (torch.cuda.Event(enable_timing=True) on a GPU; tests pass stand-ins); current_stream() is the
+    run's device's current stream (events of one timer must all be on one device: elapsed_time compares
+    them). Thread-safe: spans may begin and end on the optimizer thread while the main thread resolves."""
 
-    def __init__(self, emit, new_event, synchronize):
-        self.emit, self.new_event = emit, new_event
+    def __init__(self, emit, new_event, synchronize, current_stream):
+        self.emit, self.new_event, self.current_stream = emit, new_event, current_stream
         self.lock = threading.Lock()
         self.free = []
         self.pending = []     # (kind, unit, nbytes, start event, end event, anchor)
@@ -53,7 +54,7 @@ class DeviceTimer:
         synchronize()         # the device is idle: the anchor runs as soon as it is issued
         ev = self._take()
         t = now_ns()
-        ev.record()
+        ev.record(current_stream())
         synchronize()
         self.anchor = _Anchor(ev, t, None)
         self.next_anchor = None
@@ -69,13 +70,13 @@ class DeviceTimer:
         with self.lock:
             ev = self._take()
             anchor = self.anchor
-        ev.record(stream)
+        ev.record(stream if stream is not None else self.current_stream())
         return ev, anchor
 
     def end(self, token, kind, unit, nbytes, stream=None):
         with self.lock:
             ev = self._take()
-        ev.record(stream)
+        ev.record(stream if stream is not None else self.current_stream())
         start, anchor = token
         with self.lock:
             self.pending.append((kind, unit, nbytes, start, ev, anchor))
@@ -108,5 +109,5 @@ class DeviceTimer:
             self.anchor, self.next_anchor = nxt, None
         elif nxt is None and now_ns() - self.anchor.ns > REANCHOR_NS:
             ev = self._take()
-            ev.record()
+            ev.record(self.current_stream())
             self.next_anchor = _Anchor(ev, None, self.anchor)

@@ -78,7 +78,7 @@ class Profiler:
         if self.device.type == "cuda":
             dev = self.device
             self.timer = DeviceTimer(self._emit_device, lambda: torch.cuda.Event(enable_timing=True),
-                                     lambda: torch.cuda.synchronize(dev))
+                                     lambda: torch.cuda.synchronize(dev), lambda: torch.cuda.current_stream(dev))
         self.t0 = _now()
 
     def name_unit(self, tag, name, params=None, states=None):

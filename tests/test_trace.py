@@ -6,12 +6,10 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import make_engine
 from models import make_gpt, token_batches
 from offload import device_timer, timeline
-from offload._native import now_ns
 from offload.cli import main
 from offload.profiler import KINDS, Profiler
 from test_timeline import check_trace_schema, png_pixels
@@ -158,10 +156,10 @@ class FakeDevice:
 
 class FakeEvent:
     def __init__(self, dev):
-        self.dev, self.t = dev, None
+        self.dev, self.t, self.stream = dev, None, None
 
     def record(self, stream=None):
-        self.t = self.dev.ns
+        self.t, self.stream = self.dev.ns, stream
 
     def query(self):
         return self.t is not None and self.t <= self.dev.done_until
@@ -173,7 +171,8 @@ class FakeEvent:
 
 def make_timer():
     dev, got = FakeDevice(), []
-    timer = device_timer.DeviceTimer(lambda *span: got.append(span), dev.event, dev.synchronize)
+    timer = device_timer.DeviceTimer(lambda *span: got.append(span), dev.event, dev.synchronize,
+                                     lambda: "compute")
     dev.done_until = dev.ns
     return dev, got, timer, timer.anchor.ns - dev.ns   # host = device + offset
 
@@ -186,6 +185,7 @@ def test_device_timer_places_spans_on_the_host_clock():
     b = timer.begin("h2d")
     dev.ns += 250_000
     timer.end(b, 1, 8, 4096, "h2d")
+    assert (a[0].stream, b[0].stream) == ("compute", "h2d")   # None: the run's device's current stream
     dev.done_until = dev.ns - 1   # the second span has not completed yet
     timer.resolve()
     assert len(got) == 1 and got[0][:3] == (0, 7, 0)
@@ -240,4 +240,3 @@ def test_profiler_on_cpu_times_work_on_the_host(tmp_path):
     ev = [e for e in json.loads((tmp_path / "t.json").read_text())["traceEvents"] if e["ph"] == "X"]
     assert [(e["cat"], e["args"].get("step"), e["args"]["clock"]) for e in ev] == \
         [("compute", None, "host"), ("h2d", 0, "host")]
-    assert now_ns() > 0
