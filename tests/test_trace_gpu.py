@@ -16,7 +16,10 @@ from test_timeline import check_trace_schema
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 STEPS = 8
-TOL_US = 2.0   # events on one stream: the next starts no earlier than the previous ended, up to resolution
+# Events on one stream: the next span starts no earlier than the previous ended, up to the events'
+# resolution (~0.5 us) and float32 elapsed_time over seconds from the anchor (~1 us); a wrongly placed span
+# is off by milliseconds.
+TOL_US = 5.0
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +97,9 @@ def test_compute_of_a_streamed_unit_follows_a_copy_of_it(gpu_run):
 
 def test_event_pool_stops_growing(gpu_run):
     _, _, _, created = gpu_run
-    # Steady state after a few steps; an anchor is chained at most every 10 s (Note [device clock]).
-    assert created[-1] - created[3] <= 4, created
+    # Steady state after a few steps: spans still in flight at a step boundary vary by a few, and an anchor
+    # is chained every 10 s (Note [device clock]); a pool that leaked would grow by every span of every step.
+    assert created[-1] - created[3] <= max(8, created[3] // 10), created
 
 
 def test_gpu_trace_summarises_and_draws(gpu_run, tmp_path, capsys):
