@@ -1,6 +1,6 @@
 """The swap timeline (offload/timeline.py): reading traces (whole and truncated), the summary's arithmetic
-against the spans themselves, the pictures, and `offload timeline`'s exit codes. Traces are synthetic
-(the engine writes only disk spans today) except one written by the real Profiler."""
+against the spans themselves, the pictures, and `offload timeline`'s exit codes. Traces here are synthetic
+except one written by the real Profiler; traces of real runs are in test_trace.py and test_trace_gpu.py."""
 import json
 import os
 import re
