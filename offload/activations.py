@@ -18,6 +18,8 @@ import contextlib
 import torch
 from torch.utils._pytree import tree_map
 
+from ._native import trace_kind
+
 POLICIES = ("keep", "recompute", "swap", "auto")
 
 
@@ -96,9 +98,10 @@ def _never_unpacked(_):
 class SwapScope:
     """The saved-tensor hooks of one block call under "swap"."""
 
-    def __init__(self, device, d2h_stream, param_storages):
+    def __init__(self, device, d2h_stream, param_storages, trace=None, unit=None):
         self.device, self.stream = device, d2h_stream
         self.param_storages = param_storages
+        self.trace, self.unit = trace, unit   # a profiler.Profiler: copies are timed on their streams
         self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
     def pack(self, t):
@@ -108,7 +111,10 @@ class SwapScope:
         ev = torch.cuda.Event()
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
+            span = self.trace.begin_work(trace_kind.ACT_SWAP_OUT, self.unit, self.stream) if self.trace else None
             host.copy_(t, non_blocking=True)
+            if span is not None:
+                self.trace.end_work(span, trace_kind.ACT_SWAP_OUT, self.unit, host.nbytes, self.stream)
             ev.record(self.stream)
         t.record_stream(self.stream)
         return (host, None, ev)
@@ -118,4 +124,8 @@ class SwapScope:
         if host is None:
             return t
         ev.synchronize()
-        return host.to(self.device, non_blocking=True)
+        span = self.trace.begin_work(trace_kind.ACT_SWAP_IN, self.unit) if self.trace else None
+        t = host.to(self.device, non_blocking=True)
+        if span is not None:
+            self.trace.end_work(span, trace_kind.ACT_SWAP_IN, self.unit, host.nbytes)
+        return t

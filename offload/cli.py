@@ -177,12 +177,13 @@ def cmd_timeline(args):
     events = timeline.load_trace(args.trace)
     if args.step is not None:  # fail on a wrong --step before printing anything
         timeline.select_step(timeline.spans(events), args.step)
-    summary = timeline.summarize(events)
+    meta = timeline.load_meta(args.trace)
+    summary = timeline.summarize(events, meta)
     print(timeline.format_summary(summary))
     timeline.draw_png(events, args.output, step=args.step)
     print(f"\nwrote {args.output}")
     if args.html:
-        timeline.write_html(events, args.html)
+        timeline.write_html(events, args.html, meta)
         print(f"wrote {args.html}")
     return 0
 

@@ -23,7 +23,6 @@ from .profiler import Profiler
 from .sizes import fmt_bytes, parse_size
 from .stream import Streamer
 from .tiers import KIND_D2H, KIND_OPTIM, Tiers
-from ._native import now_ns
 
 ACTIVATION_SHARE = 0.4   # of gpu_memory, on CUDA, kept free for activations and temporaries
 
@@ -150,12 +149,12 @@ class Engine:
         self.plan.budgets["nvme"] = None
         if nvme_paths and self.plan.bytes["nvme"]:
             self._check_disk_space(nvme_paths)
-        self.profiler = Profiler(trace) if trace else None
+        self.profiler = Profiler(trace, device=self.device, plan=self.plan) if trace else None
         self.tiers = Tiers(self.units, self.plan, device=self.device, dtype=self.dtype, nvme=nvme_paths,
                            trace=self.profiler)
         if self.profiler:
             for u in self.units:
-                self.profiler.name_unit(u.index, u.name)
+                self.profiler.name_unit(u.index, u.name, u.plan.params_home, u.plan.states_home)
         self._closed = False
         # An engine the user never closed still removes its swap files at a normal interpreter exit: the
         # optimizer thread keeps it alive, so neither __del__ nor the store's destructor would run then.
@@ -241,6 +240,8 @@ class Engine:
         args, kwargs = torch.utils._pytree.tree_map(
             lambda x: x.to(dev, non_blocking=True) if isinstance(x, torch.Tensor) and x.device != dev else x,
             (args, kwargs))
+        if self.profiler is not None and self.micro % self.grad_accum == 0:
+            self.profiler.mark_step(self.micro // self.grad_accum)   # a window's first forward starts a step
         self.streamer.begin_forward()
         try:
             with device_memory_guard(self, "forward"):
@@ -278,7 +279,7 @@ class Engine:
         if final:
             st.final_window = self.window
         trainable = [s for s in u.slots if s.trainable]
-        t_gather = now_ns() if self.profiler else 0
+        prof = self.profiler
         views, grads = [], []
         target = st.dgrad if u.plan.states_home == "gpu" else None
         if u.plan.update_on == "device":
@@ -293,6 +294,9 @@ class Engine:
                 target.zero_()
         elif first:
             target.zero_()
+        # On the CPU flattening into the host buffer is the copy; on CUDA the copy is timed on its stream.
+        host_copy = prof is not None and not tiers.cuda and u.plan.states_home != "gpu" and u.plan.update_on == "host"
+        t_copy = prof.begin_work(KIND_D2H, u.index) if host_copy else None
         for i, s in enumerate(trainable):
             g = s.param.grad
             if g is not None:
@@ -312,16 +316,20 @@ class Engine:
         if u.plan.update_on == "device":
             self._update_on_device(u, target)
             return
-        tiers.moved["d2h"] += u.numel_train * tiers.itemsize
-        if self.profiler:
-            self.profiler.record(KIND_D2H, u.index, u.numel_train * tiers.itemsize, t_gather)
+        nbytes = u.numel_train * tiers.itemsize
+        tiers.moved["d2h"] += nbytes
+        if t_copy is not None:
+            prof.end_work(t_copy, KIND_D2H, u.index, nbytes)
         ev = None
         if tiers.cuda:
             st.compute_done = torch.cuda.Event()
             st.compute_done.record()
             tiers.d2h.wait_event(st.compute_done)
             with torch.cuda.stream(tiers.d2h):
+                t_copy = prof.begin_work(KIND_D2H, u.index, tiers.d2h) if prof else None
                 st.grad.copy_(target, non_blocking=True)
+                if t_copy is not None:
+                    prof.end_work(t_copy, KIND_D2H, u.index, nbytes, tiers.d2h)
                 ev = torch.cuda.Event()
                 ev.record(tiers.d2h)
             target.record_stream(tiers.d2h)
@@ -339,11 +347,16 @@ class Engine:
         segments = self.unit_opt._segments(u)
         st.has_grad = [False] * len(st.has_grad)
         hyper = self.optimizer.hyper()
+        prof, upd = self.profiler, self.device_updater
         if self.tiers.cuda:
             flag = self._found_inf.float()   # this step's flag so far, before the event the update waits on
             ready = torch.cuda.Event()
             ready.record()
-            st.update_event = self.device_updater.update(u, grad, segments, hyper, ready, flag)
+            upd.load.wait_event(ready)
+            t0 = prof.begin_work(KIND_OPTIM, u.index, upd.load) if prof else None
+            st.update_event = upd.update(u, grad, segments, hyper, ready, flag)
+            if t0 is not None:
+                prof.end_work(t0, KIND_OPTIM, u.index, u.numel_train * 24, upd.load)
         else:
             flag = self._found_inf.clone()
             if not bool(flag):
@@ -385,11 +398,17 @@ class Engine:
         return u.st.acc if self.grad_accum > 1 else u.st.grad
 
     def _update_host(self, u, g, hyper, scale):
-        t0 = now_ns() if self.profiler else 0
+        t0 = self.profiler.begin(KIND_OPTIM, u.index) if self.profiler else 0
         self.unit_opt.update_host(u, g, hyper, scale)
         if self.profiler:
             self.profiler.record(KIND_OPTIM, u.index, u.numel_train * 16, t0)
         self._finish_unit(u)
+
+    def _update_device(self, u, hyper, scale):
+        t0 = self.profiler.begin_work(KIND_OPTIM, u.index) if self.profiler else None
+        self.unit_opt.update_device(u, hyper, scale)
+        if t0 is not None:
+            self.profiler.end_work(t0, KIND_OPTIM, u.index, u.numel_train * 16)
 
     def _unblock_all(self):
         """After a worker failure nothing may wait for an update that will never come."""
@@ -443,7 +462,7 @@ class Engine:
             if self.clip_grad_norm is not None:
                 scale = min(1.0, self.clip_grad_norm / (math.sqrt(total) + 1e-6))
             for u in dev:
-                self.unit_opt.update_device(u, hyper, scale)
+                self._update_device(u, hyper, scale)
                 self._finish_unit(u)
             for u in host:     # forward order: the next forward waits for each unit's own update only
                 self.worker.submit(lambda u=u: self._update_host(u, self._host_grad(u), hyper, scale),
@@ -469,7 +488,7 @@ class Engine:
                 warn_nonfinite(dev[0].name if dev else "?", self.steps_skipped)
             return False
         for u in dev:
-            self.unit_opt.update_device(u, hyper, 1.0)
+            self._update_device(u, hyper, 1.0)
             self._finish_unit(u)
         self.worker.submit(self.unit_opt.next_step)
         self.steps_applied += 1

@@ -26,6 +26,7 @@ import torch
 from .adam import unit_adamw_
 from .errors import ConfigError
 from .store import as_buffer
+from .tiers import KIND_H2D
 
 
 class AdamW(torch.optim.Optimizer):
@@ -211,8 +212,12 @@ class UnitOptimizer:
             if t.cuda:
                 with torch.cuda.stream(t.h2d):
                     t.h2d.wait_event(st.compute_done)
+                    nbytes = u.numel_train * t.itemsize
+                    span = t.prof.begin_work(KIND_H2D, u.index, t.h2d) if t.prof else None
                     st.flat[:u.numel_train].copy_(out, non_blocking=True)
-                    t.moved["h2d"] += u.numel_train * t.itemsize
+                    if span is not None:
+                        t.prof.end_work(span, KIND_H2D, u.index, nbytes, t.h2d)
+                    t.moved["h2d"] += nbytes
                     ev = torch.cuda.Event()
                     ev.record(t.h2d)
                     st.update_event = ev

@@ -21,7 +21,7 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from .activations import RecomputeScope, SwapScope
-from ._native import now_ns, trace_kind
+from ._native import trace_kind
 from .groups import UnitState
 
 KIND_COMPUTE = trace_kind.COMPUTE
@@ -126,6 +126,8 @@ class Streamer:
             u = self.units[idx]
             if any(not c.done for c in calls):
                 for c in calls:
+                    if self.profiler and c.started and not c.done:   # its span ends with the backward pass
+                        self.profiler.end_work(c.t0, KIND_COMPUTE, u.index)
                     c.done = True
                 self._unit_backward_complete(u)
         self.calls = {}
@@ -167,8 +169,8 @@ class Streamer:
             self.begin_forward()
         self._acquire(u, "forward")
         call = _Call(self, u)
-        if self.profiler:
-            call.t0 = now_ns()
+        if self.profiler:   # after _acquire: on CUDA the compute stream's wait for the params is not compute
+            call.t0 = self.profiler.begin_work(KIND_COMPUTE, u.index)
         self.calls.setdefault(u.index, []).append(call)
         if torch.is_grad_enabled():
             flat, spec = tree_flatten((args, kwargs))
@@ -183,7 +185,8 @@ class Streamer:
             if policy == "recompute":
                 call.scope = RecomputeScope(module, args, kwargs, self.device, self._recompute_ctx)
             elif policy == "swap" and self.cuda:
-                call.scope = SwapScope(self.device, self.tiers.d2h, self._param_storages())
+                call.scope = SwapScope(self.device, self.tiers.d2h, self._param_storages(),
+                                       trace=self.profiler, unit=u.index)
             if call.scope is not None:
                 call.scope.hooks.__enter__()
             if policy == "auto" and self.cuda:
@@ -194,7 +197,7 @@ class Streamer:
         calls = self.calls[u.index]
         call = calls[-1]
         if self.profiler:
-            self.profiler.record(KIND_COMPUTE, u.index, 0, call.t0)
+            self.profiler.end_work(call.t0, KIND_COMPUTE, u.index)
         if call.scope is not None:
             call.scope.hooks.__exit__(None, None, None)
         if self._policy(u) == "auto" and self.cuda and "mem_before" in u.extra:
@@ -278,7 +281,7 @@ class Streamer:
         call.started = True
         self._acquire(call.unit, "backward")
         if self.profiler:
-            call.t0 = now_ns()
+            call.t0 = self.profiler.begin_work(KIND_COMPUTE, call.unit.index)
 
     def call_backward_done(self, call):
         if call.done:
@@ -287,7 +290,7 @@ class Streamer:
         u = call.unit
         if call.started:
             if self.profiler:
-                self.profiler.record(KIND_COMPUTE, u.index, 0, call.t0)
+                self.profiler.end_work(call.t0, KIND_COMPUTE, u.index)
             self._unuse(u)
         if all(c.done for c in self.calls.get(u.index, ())):
             self._unit_backward_complete(u)

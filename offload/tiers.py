@@ -24,17 +24,16 @@ import torch
 from . import _native
 from .arena import HostArena
 from .groups import UnitState
+from .profiler import WAIT_DISK, WAIT_H2D, WAIT_OPTIM
 from .store import as_buffer, open_store
 
 
-_now = _native.now_ns
 # Note [slot reserve]: slots a prefetch leaves to demand paths. One is enough: the demand holders (a fetch on
 # the caller's thread, the optimizer thread's output slot, an update reading its own unit's states) each give
 # their slot back without waiting on anything the other holds, so they can share it.
 PARAM_SLOT_RESERVE = 1
 STATE_SLOT_RESERVE = 1
-KIND_H2D, KIND_D2H, KIND_OPTIM, KIND_WAIT = (_native.trace_kind.H2D, _native.trace_kind.D2H,
-                                             _native.trace_kind.OPTIM, _native.trace_kind.WAIT)
+KIND_H2D, KIND_D2H, KIND_OPTIM = _native.trace_kind.H2D, _native.trace_kind.D2H, _native.trace_kind.OPTIM
 
 
 @dataclass(eq=False)
@@ -320,34 +319,37 @@ class Tiers:
         """Starts making u.flat valid on the compute device (asynchronous on CUDA)."""
         if u.state != UnitState.RELEASED:
             return
-        st = u.st
-        t0 = _now() if self.prof else 0
-        st.updated.wait()      # the optimizer must have written this unit's new values first
+        st, prof, nbytes = u.st, self.prof, u.numel * self.itemsize
+        self._wait_update(u)   # the optimizer must have written this unit's new values first
         if u.plan.params_home == "nvme":
             if st.disk_ticket is None:
                 self.prefetch_disk(u)
+            t0 = prof.begin(WAIT_DISK, u.index) if prof else None
             st.disk_ticket.wait()
-            src = st.disk_slot[:u.numel * self.itemsize].view(self.dtype)
+            if t0 is not None:
+                prof.record(WAIT_DISK, u.index, 0, t0)
+            src = st.disk_slot[:nbytes].view(self.dtype)
         else:
             src = st.home
-        if self.prof:
-            self.prof.record(KIND_WAIT, u.index, 0, t0)
-            t0 = _now()
         storage = st.flat.untyped_storage()
-        self.moved["h2d"] += u.numel * self.itemsize
+        self.moved["h2d"] += nbytes
         if self.cuda:
             with torch.cuda.stream(self.h2d):
-                storage.resize_(u.numel * self.itemsize)
+                storage.resize_(nbytes)
+                t0 = prof.begin_work(KIND_H2D, u.index, self.h2d) if prof else None
                 st.flat.copy_(src, non_blocking=True)
+                if t0 is not None:
+                    prof.end_work(t0, KIND_H2D, u.index, nbytes, self.h2d)
                 ev = torch.cuda.Event()
                 ev.record(self.h2d)
             st.ready_event = ev
         else:
-            storage.resize_(u.numel * self.itemsize)
+            storage.resize_(nbytes)
+            t0 = prof.begin_work(KIND_H2D, u.index) if prof else None
             st.flat.copy_(src)
+            if t0 is not None:
+                prof.end_work(t0, KIND_H2D, u.index, nbytes)
             ev = None
-        if self.prof:
-            self.prof.record(KIND_H2D, u.index, u.numel * self.itemsize, t0)
         if u.plan.params_home == "nvme":
             self.param_slots.release(st.disk_slot, event=ev)
             st.disk_slot = st.disk_ticket = None
@@ -356,20 +358,28 @@ class Tiers:
     def wait_ready(self, u):
         """Makes the compute stream wait for u's parameters (no host sync on CUDA), after any pending
         optimizer update of the unit has been issued."""
-        if self.prof and not u.st.updated.is_set():
-            t0 = _now()
-            u.st.updated.wait()
-            self.prof.record(KIND_WAIT, u.index, 0, t0)
-        u.st.updated.wait()
+        self._wait_update(u)
         self.check()
         if u.state == UnitState.RELEASED:
             self.fetch(u)
         if u.state == UnitState.FETCHING:
+            # Traced on the compute stream: the span is how long compute sat blocked on the copy.
+            t0 = self.prof.begin_work(WAIT_H2D, u.index) if self.prof else None
             torch.cuda.current_stream(self.device).wait_event(u.st.ready_event)
+            if t0 is not None:
+                self.prof.end_work(t0, WAIT_H2D, u.index)
             u.state = UnitState.READY
         if u.st.update_event is not None:
             torch.cuda.current_stream(self.device).wait_event(u.st.update_event)
             u.st.update_event = None
+
+    def _wait_update(self, u):
+        """Waits for a pending optimizer update of u; traced only when there is one to wait for."""
+        if self.prof and not u.st.updated.is_set():
+            t0 = self.prof.begin(WAIT_OPTIM, u.index)
+            u.st.updated.wait()
+            self.prof.record(WAIT_OPTIM, u.index, 0, t0)
+        u.st.updated.wait()
 
     def release(self, u):
         if u.plan.params_home == "gpu":

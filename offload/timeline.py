@@ -3,7 +3,9 @@ run's time went: how busy each resource lane was, what each link moved, how long
 what, and which lane is the bottleneck. `offload timeline` prints this and draws it (timeline_render).
 
 Only complete ("X") events are read; "B"/"E" pairs and counters are ignored, since the profiler writes
-none. A trace cut short by a killed run is read up to its last complete event.
+none. A trace cut short by a killed run is read up to its last complete event. The profiler's metadata
+(otherData.offload: the plan's prediction, the units' tiers) is read by load_meta; the summary then sets
+the plan's predicted seconds per resource beside the measured ones.
 """
 import json
 import math
@@ -20,6 +22,11 @@ LINKS = ("h2d", "d2h", "disk_read", "disk_write")
 # Lanes that are not a resource: waiting is the symptom, not the bottleneck.
 NOT_RESOURCES = ("wait", "other")
 TOP_CAUSES = 5
+STEP_ROWS = 20   # per-step rows printed; a long run's middle steps are elided
+# The plan's resources (plan.py, Note [step-time model]) and the lanes whose busy time measures each.
+# PCIe is priced as one rate for both directions, so its lanes are counted together.
+RESOURCE_LANES = {"gpu": ("compute",), "pcie": ("h2d", "d2h", "act_swap_out", "act_swap_in"),
+                  "disk": ("disk_read", "disk_write"), "cpu_adam": ("optim",)}
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,9 @@ class Span:
     end: float
     bytes: int
     step: object  # args.step when the producer sets it, else None
+    tier: object = None    # args.tier: the tier a copy or update touched, or what a wait waited on
+    clock: object = None   # args.clock: "gpu" for spans timed on the device, else host
+    on: object = None      # args.on for waits: "disk_read", "h2d" or "optim"
 
     @property
     def dur(self):
@@ -60,6 +70,27 @@ def load_trace(path):
     if not any(e.get("ph") == "X" for e in events):
         raise ConfigError(f"{path} holds no complete ('X') trace events; was the run started with trace=...?")
     return events
+
+
+def load_meta(path):
+    """The profiler's metadata (otherData.offload) of a trace file, or {} when it has none. The profiler
+    writes it before the events, so a truncated trace keeps it."""
+    try:
+        with open(os.fspath(path), encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return {}
+    try:
+        doc = json.loads(text)
+        other = doc.get("otherData") if isinstance(doc, dict) else None
+    except json.JSONDecodeError:
+        m = re.search(r'"otherData"\s*:\s*', text)
+        try:
+            other = json.JSONDecoder().raw_decode(text, m.end())[0] if m else None
+        except json.JSONDecodeError:
+            other = None
+    meta = other.get("offload") if isinstance(other, dict) else None
+    return meta if isinstance(meta, dict) else {}
 
 
 def _salvage(text):
@@ -96,7 +127,8 @@ def spans(events):
         nbytes = args.get("bytes", 0)
         start = e["ts"] / 1e6
         out.append(Span(str(kind), str(unit), start, start + max(e["dur"], 0) / 1e6,
-                        int(nbytes) if _is_num(nbytes) else 0, args.get("step")))
+                        int(nbytes) if _is_num(nbytes) else 0, args.get("step"), args.get("tier"),
+                        args.get("clock"), args.get("on")))
     out.sort(key=lambda s: (s.start, s.end))
     return out
 
@@ -157,20 +189,64 @@ def union_length(intervals):
     return sum(b - a for a, b in merge(intervals))
 
 
-def summarize(events):
+def summarize(events, meta=None):
     """Where the traced time went, as a dict:
     span_s: first start to last end;
     lanes: kind -> {busy_s, busy_pct, spans} (busy = union of the lane's spans);
     links: h2d/d2h/disk_read/disk_write -> {bytes, busy_s, gb_per_s (over busy time), avg_gb_per_s (over the span)};
-    stall: {total_s (sum of wait spans), pct, top: [{unit, seconds, count}] by seconds};
+    stall: {total_s (sum of wait spans), pct, top: [{unit, tier, on, seconds, count}] by seconds};
     bottleneck: the busiest resource lane (wait and other excluded), or None;
-    steps: args.step -> the same summary for that step's spans (absent when no event carries a step)."""
+    steps: args.step -> the same summary for that step's spans (absent when no event carries a step);
+    plan: with meta (load_meta) holding the plan's prediction, compare_plan()'s dict."""
     sp = events if events and isinstance(events[0], Span) else spans(events)
     out = _summarize_spans(sp)
     by_step = group_by_step(sp)
     if by_step:
         out["steps"] = {st: _summarize_spans(one) for st, one in by_step.items()}
+    if meta and meta.get("plan"):
+        out["plan"] = compare_plan(meta["plan"], sp, by_step)
     return out
+
+
+def resource_busy(sp):
+    """Seconds each plan resource was busy in sp: the union of its lanes' spans. Optimizer spans timed on
+    the device are GPU work, not CPU AdamW."""
+    out = {}
+    for res, lanes in RESOURCE_LANES.items():
+        mine = [s for s in sp if s.kind in lanes and not (res == "cpu_adam" and s.clock == "gpu")]
+        if res == "gpu":
+            mine += [s for s in sp if s.kind == "optim" and s.clock == "gpu"]
+        out[res] = union_length((s.start, s.end) for s in mine)
+    return out
+
+
+def compare_plan(plan, sp, by_step=None):
+    """The plan's prediction beside the measurement: per resource predicted seconds per step and measured
+    busy seconds per step, and the step time. Per step means the median over the trace's steps; without
+    steps, the whole trace counts as one. A step with work still in flight at its end (the last one of a
+    trace cut short) is not told apart: medians keep one outlier from moving the figure."""
+    by_step = group_by_step(sp) if by_step is None else by_step
+    views = list(by_step.values()) or [sp]
+    busy = [resource_busy(one) for one in views]
+    spans_s = [max(s.end for s in one) - min(s.start for s in one) for one in views]
+    resources = {}
+    for res, predicted in (plan.get("resource_s") or {}).items():
+        measured = _median([b.get(res, 0.0) for b in busy])
+        resources[res] = {"predicted_s": predicted, "measured_s": measured}
+    measured_step = _median(spans_s)
+    bottleneck = max(resources, key=lambda r: resources[r]["measured_s"]) if resources else None
+    return {"predicted_step_s": plan.get("predicted_step_s"), "measured_step_s": measured_step,
+            "steps": len(views) if by_step else 0, "bottleneck_predicted": plan.get("bottleneck"),
+            "bottleneck_measured": bottleneck, "compute_included": bool(plan.get("compute_included")),
+            "resources": resources}
+
+
+def _median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    if not n:
+        return 0.0
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
 
 
 def _summarize_spans(sp):
@@ -200,14 +276,18 @@ def _link(sp, busy, total):
 
 
 def _stall(waits, total):
-    by_unit = defaultdict(lambda: [0.0, 0])
+    """A cause is (unit, tier, what was waited on): "layers.3 nvme disk_read" says which transfer to speed
+    up or start earlier."""
+    by_cause = defaultdict(lambda: [0.0, 0])
     for s in waits:
-        by_unit[s.unit][0] += s.dur
-        by_unit[s.unit][1] += 1
-    top = sorted(by_unit.items(), key=lambda kv: (-kv[1][0], kv[0]))[:TOP_CAUSES]
+        c = by_cause[(s.unit, s.tier, s.on)]
+        c[0] += s.dur
+        c[1] += 1
+    top = sorted(by_cause.items(), key=lambda kv: (-kv[1][0], tuple(str(x) for x in kv[0])))[:TOP_CAUSES]
     stalled = sum(s.dur for s in waits)
     return {"total_s": stalled, "pct": _pct(stalled, total),
-            "top": [{"unit": u, "seconds": sec, "count": n} for u, (sec, n) in top]}
+            "top": [{"unit": u, "tier": tier, "on": on, "seconds": sec, "count": n}
+                    for (u, tier, on), (sec, n) in top]}
 
 
 def _pct(part, whole):
@@ -229,13 +309,40 @@ def format_summary(summary):
     stall = summary["stall"]
     lines += ["", f"stalled {_fmt_s(stall['total_s'])} ({stall['pct']:.1f}% of the span)"]
     for c in stall["top"]:
-        lines.append(f"  {c['unit'] or '?':<30}{_fmt_s(c['seconds']):>12}  x{c['count']}")
+        where = " ".join(str(x) for x in (c.get("tier"), c.get("on")) if x)
+        lines.append(f"  {c['unit'] or '?':<30}{where:<18}{_fmt_s(c['seconds']):>12}  x{c['count']}")
+    if summary.get("plan"):
+        lines += [""] + _format_plan(summary["plan"])
     if summary.get("steps"):
         lines += ["", f"{'step':<8}{'span':>12}{'stalled':>12}  bottleneck"]
-        for st, v in summary["steps"].items():
+        rows = list(summary["steps"].items())
+        if len(rows) > STEP_ROWS:
+            half = STEP_ROWS // 2
+            rows = rows[:half] + [None] + rows[-half:]
+        for row in rows:
+            if row is None:
+                lines.append(f"{'...':<8}")
+                continue
+            st, v = row
             lines.append(f"{str(st):<8}{_fmt_s(v['span_s']):>12}{_fmt_s(v['stall']['total_s']):>12}  "
                          f"{v['bottleneck'] or 'none'}")
     return "\n".join(lines)
+
+
+def _format_plan(p):
+    per = f"median of {p['steps']} steps" if p["steps"] else "whole trace"
+    lines = [f"{'plan vs measured':<16}{'predicted':>12}{'measured':>12}   (per step; measured: {per})"]
+    for res, v in p["resources"].items():
+        lines.append(f"{res:<16}{_fmt_s(v['predicted_s']):>12}{_fmt_s(v['measured_s']):>12}")
+    if p["predicted_step_s"] is not None:
+        what = "step" if p["compute_included"] else "state traffic"
+        lines.append(f"{what:<16}{_fmt_s(p['predicted_step_s']):>12}{_fmt_s(p['measured_step_s']):>12}")
+    lines.append(f"bottleneck: planned {p['bottleneck_predicted'] or 'none'}, measured "
+                 f"{p['bottleneck_measured'] or 'none'}")
+    if not p["compute_included"]:
+        lines.append("(the plan priced state traffic only: it was made without the batch shape, so compute is "
+                     "not predicted)")
+    return lines
 
 
 def _fmt_s(sec):
@@ -259,8 +366,9 @@ def draw_png(events, path, step=None):
     return draw(events, path, step)
 
 
-def write_html(events, path):
+def write_html(events, path, meta=None):
     """Writes a self-contained HTML page (inline canvas and script, no network) with the lanes, the
-    summary, and a step selector when events carry args.step."""
+    summary (with the plan beside the measurement when meta has it), and a step selector when events carry
+    args.step."""
     from .timeline_render import write_html as write
-    return write(events, path)
+    return write(events, path, meta)

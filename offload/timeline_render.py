@@ -64,7 +64,7 @@ def draw_png(events, path, step=None):
     return summary
 
 
-def _payload(sp):
+def _payload(sp, meta=None):
     """The page's data: spans as compact rows [lane, start_us, end_us, unit index, bytes, step], plus the
     text summary per view, so the page needs no arithmetic of its own beyond drawing."""
     kinds = lane_order(s.kind for s in sp)
@@ -73,7 +73,7 @@ def _payload(sp):
     t0 = min(s.start for s in sp)
     rows = [[lane_ix[s.kind], round((s.start - t0) * 1e6, 3), round((s.end - t0) * 1e6, 3), unit_ix[s.unit],
              s.bytes, None if s.step is None else str(s.step)] for s in sp]
-    summary = summarize(sp)
+    summary = summarize(sp, meta)
     views = {"": format_summary(summary)}
     titles = {"": _title(summary, None)}
     for st, one in group_by_step(sp).items():
@@ -83,10 +83,10 @@ def _payload(sp):
             "rows": rows, "steps": [str(s) for s in steps_of(sp)], "text": views, "titles": titles}
 
 
-def write_html(events, path):
+def write_html(events, path, meta=None):
     """See offload.timeline.write_html."""
     sp = _spans(events, None)
-    data = json.dumps(_payload(sp), separators=(",", ":"))
+    data = json.dumps(_payload(sp, meta), separators=(",", ":"))
     # "</" inside a <script> would end it early (a unit named "</script>"); JSON allows "<\/".
     data = data.replace("</", "<\\/")
     page = _PAGE.replace("@DATA@", data).replace("@TITLE@", html.escape(os.path.basename(os.fspath(path))))

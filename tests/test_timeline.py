@@ -1,6 +1,6 @@
 """The swap timeline (offload/timeline.py): reading traces (whole and truncated), the summary's arithmetic
-against the spans themselves, the pictures, and `offload timeline`'s exit codes. Traces are synthetic
-(the engine writes only disk spans today) except one written by the real Profiler."""
+against the spans themselves, the pictures, and `offload timeline`'s exit codes. Traces here are synthetic
+except one written by the real Profiler; traces of real runs are in test_trace.py and test_trace_gpu.py."""
 import json
 import os
 import re
@@ -60,6 +60,7 @@ def write(path, events):
 def check_trace_schema(doc):
     """The trace-event format's required keys and types, per phase ("X" complete, "M" metadata)."""
     assert isinstance(doc, dict) and isinstance(doc["traceEvents"], list)
+    assert isinstance(doc.get("otherData", {}), dict)   # the format's free-form metadata object
     num = (int, float)
     for e in doc["traceEvents"]:
         assert isinstance(e["name"], str) and isinstance(e["ph"], str), e
@@ -69,7 +70,7 @@ def check_trace_schema(doc):
             assert e["cat"] in KINDS.values() and e["name"].split(" ")[0] == e["cat"], e
             assert isinstance(e["args"]["bytes"], int) and "unit" in e["args"], e
         elif e["ph"] == "M":
-            assert e["name"] == "thread_name" and isinstance(e["args"]["name"], str), e
+            assert e["name"] in ("thread_name", "process_name") and isinstance(e["args"]["name"], str), e
         else:
             pytest.fail(f"unexpected phase {e['ph']!r}")
 
