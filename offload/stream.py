@@ -20,7 +20,7 @@ units it prefetched in vain are released at the end of the phase.
 import torch
 from torch.utils._pytree import tree_flatten
 
-from .activations import RecomputeScope, SwapScope
+from .activations import open_scope
 from ._native import now_ns, trace_kind
 from .groups import UnitState
 
@@ -69,6 +69,7 @@ class Streamer:
         self.act_peak = 0
         self.act_adjusted = False
         self.param_storages = set()
+        self.last_scope = None
 
     # ---- installation ---------------------------------------------------------------------------------
     def install(self):
@@ -105,6 +106,7 @@ class Streamer:
         self.phase = "forward"
         self.cursor = 0
         self.calls = {}
+        self.last_scope = None
 
     def end_forward(self):
         if not self.recorded["forward"] and self.seq["forward"]:
@@ -177,11 +179,12 @@ class Streamer:
                     flat[i] = o
                 args, kwargs = torch.utils._pytree.tree_unflatten(flat, spec)
             policy = self._policy(u)
-            if policy == "recompute":
-                call.scope = RecomputeScope(module, args, kwargs, self.device, self._recompute_ctx)
-            elif policy == "swap" and self.cuda:
-                call.scope = SwapScope(self.device, self.tiers.d2h, self._param_storages())
+            call.scope = open_scope(policy, module, args, kwargs, unit=u, device=self.device, d2h=self.tiers.d2h,
+                                    h2d=self.tiers.h2d, profiler=self.profiler, param_storages=self._param_storages,
+                                    on_recompute=self._recompute_ctx, prev=self.last_scope)
             if call.scope is not None:
+                if getattr(call.scope, "stash", None) is not None:
+                    self.last_scope = call.scope   # Note [swap-in prefetch]
                 call.scope.hooks.__enter__()
             if policy == "auto" and self.cuda:
                 u.extra["mem_before"] = torch.cuda.memory_allocated(self.device)
@@ -194,6 +197,7 @@ class Streamer:
             self.profiler.record(KIND_COMPUTE, u.index, 0, call.t0)
         if call.scope is not None:
             call.scope.hooks.__exit__(None, None, None)
+            call.scope.exit()
         if self._policy(u) == "auto" and self.cuda and "mem_before" in u.extra:
             grown = torch.cuda.memory_allocated(self.device) - u.extra.pop("mem_before")
             self.act_peak = max(self.act_peak, grown)
@@ -274,6 +278,10 @@ class Streamer:
             torch.autograd.Variable._execution_engine.queue_callback(self.end_backward)
         call.started = True
         self._acquire(call.unit, "backward")
+        if call.scope is not None:      # Note [swap-in prefetch]
+            call.scope.prefetch()
+            if call.scope.prev is not None:
+                call.scope.prev.prefetch()
         if self.profiler:
             call.t0 = now_ns()
 
