@@ -34,6 +34,7 @@ class UnitPlan:
     params_home: str   # "gpu" | "cpu" | "nvme"
     states_home: str   # "gpu" | "cpu" | "nvme" | "-" (frozen unit: no states)
     activations: str = "keep"
+    activations_chosen: object = None   # what "auto" picked for the unit after the first step
 
 
 @dataclass
@@ -86,7 +87,8 @@ class Plan:
             if u is None:
                 lines.append(f"{'...':<28}")
                 continue
-            lines.append(f"{u.name[:27]:<28}{u.numel:>14,}  {u.params_home:<6}  {u.states_home:<6}  {u.activations}")
+            act = u.activations if u.activations_chosen is None else f"{u.activations}: {u.activations_chosen}"
+            lines.append(f"{u.name[:27]:<28}{u.numel:>14,}  {u.params_home:<6}  {u.states_home:<6}  {act}")
         lines += self.notes
         return "\n".join(lines)
 

@@ -204,3 +204,84 @@ def test_float_policy_accepted_and_bad_ones_refused():
     for bad in (0.0, 1.0, 1.5, -0.1, True):
         with pytest.raises(ValueError, match="activations"):
             offload.engine(make_gpt(), device="cpu", activations=bad)
+
+
+# ------------------------------------------------------------------------------------ auto, after step 1
+
+MiB = 1 << 20
+
+
+def test_auto_keeps_what_fits_then_swaps_what_hides_then_splits():
+    """Eight recomputed blocks of 100 MiB; 250 MiB spare would keep the last two, but one block's worth
+    stays free for the swap-in prefetch, so one is kept; a forward of 0.1 s at 10 GB/s hides 0.9 GB
+    (8.6 blocks): the seven others are swapped."""
+    from offload.act_auto import choose
+    got = choose(list(range(8)), 100 * MiB, 0.1, 250 * MiB, 10e9, 1 << 40)
+    assert [got[i] for i in range(8)] == ["swap"] * 7 + ["keep"], got
+    got = choose(list(range(8)), 100 * MiB, 0.1, 350 * MiB, 10e9, 1 << 40)
+    assert [got[i] for i in range(8)] == ["swap"] * 6 + ["keep"] * 2, got
+
+
+def test_auto_swap_limited_by_hidden_traffic_and_split_takes_the_remainder():
+    """Forward 0.05 s at 5 GB/s hides 0.9*250 MB = 225 MB: two 100 MiB blocks swapped whole (209.7 MB), the
+    remaining 15.3 MB is 0.15 of a block: the next block splits with a = 0.15, the rest recompute."""
+    from offload.act_auto import choose
+    got = choose(list(range(6)), 100 * MiB, 0.05, 0, 5e9, 1 << 40)
+    assert [got[i] for i in range(6)] == ["swap", "swap", 0.15, "recompute", "recompute", "recompute"], got
+
+
+def test_auto_swap_limited_by_host_memory():
+    from offload.act_auto import choose
+    got = choose(list(range(6)), 100 * MiB, 10.0, 0, 10e9, 250 * MiB)
+    assert [got[i] for i in range(6)] == ["swap", "swap", 0.5, "recompute", "recompute", "recompute"], got
+
+
+def test_auto_nothing_recomputed_changes_nothing():
+    from offload.act_auto import choose
+    assert choose([], 100 * MiB, 1.0, 1 << 40, 10e9, 1 << 40) == {}
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("policy", ["swap", 0.5, "auto", "recompute"], ids=str)
+@pytest.mark.parametrize("name", ["gpt", "llama"])
+def test_bf16_gpu_policy_parity(name, policy, tmp_path):
+    """bf16 on the GPU, params streamed from the CPU tier: every policy within the bf16 tolerances of
+    test_engine_gpu against an fp32-master autocast reference (copies on the side streams, swap-in prefetch,
+    split calibration on the first step and the split after it)."""
+    from test_engine_gpu import _bf16_pair, assert_bf16_close
+    model = make_gpt() if name == "gpt" else make_hf("llama")
+    batches = token_batches(5) if name == "gpt" else hf_batches("llama", 5)
+    got, ref = _bf16_pair(model, batches, "cpu", tmp_path, activations=policy)
+    assert_bf16_close(got, ref, model)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_split_gradients_equal_swap():
+    """fp32 on the GPU: the split's gradients equal those of "swap" (which stores every tensor exactly)
+    within rel 1e-5 (cuBLAS may round a matmul on fewer rows differently)."""
+    model = make_gpt().cuda()
+    data = [{k: v.cuda() for k, v in b.items()} for b in token_batches(3)]
+    results = {}
+    for policy in ("swap", 0.5):
+        m = copy.deepcopy(model)
+        eng = offload.engine(m, optimizer=offload.AdamW(**HP), device="cuda", dtype=torch.float32,
+                             activations=policy)
+        grads = []
+        try:
+            for b in data:
+                loss = eng(**b).loss
+                eng.backward(loss)
+                eng.sync()
+                grads.append(loss.item())
+                eng.step()
+            results[policy] = (grads, eng.state_dict())
+        finally:
+            eng.close()
+    (la, sa), (lb, sb) = results["swap"], results[0.5]
+    assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(la, lb)), (la, lb)
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], rtol=1e-4, atol=1e-5)
