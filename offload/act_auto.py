@@ -108,7 +108,9 @@ def adjust(streamer):
     spare = int(budget * (1 - AUTO_SAFETY)) - torch.cuda.max_memory_allocated(s.device)
     recomputed = sorted(i for i, p in s.act_decided.items() if p == "recompute")
     d2h, _ = measure_pcie(s.device)
-    room = host_room(s.plan)
+    # Host copies come from torch's pinned caching allocator, which rounds each block up to a power of two:
+    # up to twice the bytes.
+    room = host_room(s.plan) // 2
     chosen = choose(recomputed, s.act_peak, fwd_s, max(0, spare), d2h, room)
     s.act_decided.update(chosen)
     for i, p in s.act_decided.items():
