@@ -89,7 +89,7 @@ def run_offload(a):
     model = build(a, torch.bfloat16)
     t = time.perf_counter()
     eng = offload.engine(model, optimizer=offload.AdamW(lr=a.lr, weight_decay=0.0), gpu_memory=f"{a.gpu_cap}GiB",
-                         cpu_memory=a.cpu_memory, nvme=a.nvme, activations=a.activations,
+                         cpu_memory=a.cpu_memory, nvme=a.nvme, activations=_policy(a.activations),
                          trace=a.trace)
     setup_s = time.perf_counter() - t
     print(eng.plan, flush=True)
@@ -101,10 +101,19 @@ def run_offload(a):
         return out.loss.detach()
     times, losses = timed_steps(a, step)
     eng.sync()
-    extra = {"setup_s": round(setup_s, 1), "plan_bytes": eng.plan.bytes, "moved": eng.tiers.moved,
+    print(eng.plan, flush=True)   # again: "auto" writes its per-block choice after the first step
+    extra = {"act_plan": [n for n in eng.plan.notes if n.startswith("activations")],"setup_s": round(setup_s, 1), "plan_bytes": eng.plan.bytes, "moved": eng.tiers.moved,
              "predicted_step_s": eng.plan.predicted_step_s, "bottleneck_planned": eng.plan.bottleneck}
     eng.close()
     return times, losses, extra
+
+
+def _policy(text):
+    """--activations: a policy name, or a float (the token-wise split fraction)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def run_pytorch(a):
@@ -281,7 +290,7 @@ def main():
                "losses": [round(x, 4) for x in res["losses"]], "step_times": [round(x, 3) for x in res["times"]],
                "gpu_cap_gib": a.gpu_cap if system != "pytorch" else None, "cpu_memory": a.cpu_memory,
                "activations": a.activations if system == "offload" else None}
-        for k in ("setup_s", "plan_bytes", "moved", "predicted_step_s"):
+        for k in ("setup_s", "plan_bytes", "moved", "predicted_step_s", "act_plan"):
             if k in res:
                 row[k] = res[k]
         rows.append(record(row))

@@ -5,13 +5,22 @@
   forward is re-run (same RNG state, same autocast state) under a capturing hook, and the tensors it saves
   replace the dropped ones in order. Parameters are resident then: the block's backward has acquired them.
 - "swap": every saved tensor that is not a parameter goes to pinned host memory on the device->host
-  stream and comes back when backward asks for it.
-- "auto": per block, keep while the projected activation memory of the remaining blocks fits the device
-  budget, recompute from there on; the decision made in the first step is kept for later steps.
+  stream; backward brings it back on the host->device stream, prefetched one block ahead (Note [swap-in
+  prefetch]).
+- a float a in (0, 1): the token-wise split of token_split.py: the first a of the tokens of each saved
+  tensor are swapped, the rest recomputed, per-token layers recomputing only the dropped rows.
+- "auto": per block, keep what fits the device budget; the rest is swapped or recomputed, decided from the
+  first step's measured compute, transfer rate and activation size (act_auto.py).
 
 The policy runs through torch.autograd.graph.saved_tensors_hooks entered in the block's forward pre-hook
 and left in its forward hook, so the model's code is untouched and no model gradient-checkpointing flag is
 needed.
+
+Note [swap-in prefetch]: scopes that hold host copies form a chain in forward order (each knows the one
+created before it). When a block's backward starts, the streamer prefetches that block's copies (if not
+already) and those of the block before it, which is the next one backward needs: the copy runs on the
+host->device stream under the current block's backward. Each fetched tensor is handed to the compute
+stream through an event, and record_stream keeps the allocator from reusing it early.
 """
 import contextlib
 
@@ -21,6 +30,15 @@ from torch.utils._pytree import tree_map
 from ._native import trace_kind
 
 POLICIES = ("keep", "recompute", "swap", "auto")
+KIND_SWAP_OUT = trace_kind.ACT_SWAP_OUT
+KIND_SWAP_IN = trace_kind.ACT_SWAP_IN
+
+
+def check_policy(policy):
+    """The policy, or None when it is not one (a float must lie strictly between 0 and 1)."""
+    if isinstance(policy, float) and not isinstance(policy, bool):
+        return policy if 0.0 < policy < 1.0 else None
+    return policy if policy in POLICIES else None
 
 
 def _capture_autocast(device_type):
@@ -31,8 +49,8 @@ def _capture_autocast(device_type):
     return None
 
 
-class RecomputeScope:
-    """The saved-tensor hooks of one block call under "recompute"."""
+class Replay:
+    """What re-running one block call needs: its inputs, RNG states and autocast state at the call."""
 
     def __init__(self, module, args, kwargs, device, on_recompute):
         self.module, self.args, self.kwargs = module, args, kwargs
@@ -40,24 +58,10 @@ class RecomputeScope:
         self.cpu_rng = torch.get_rng_state()
         self.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         self.autocast = _capture_autocast(device.type)
-        self.count = 0
-        self.saved = None
         self.on_recompute = on_recompute   # context manager factory: marks the engine as recomputing
-        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
-    def pack(self, t):
-        i = self.count
-        self.count += 1
-        return i
-
-    def unpack(self, i):
-        if self.saved is None:
-            self._recompute()
-        t = self.saved[i]
-        self.saved[i] = None   # each saved tensor is unpacked once; free it as soon as it is handed over
-        return t
-
-    def _recompute(self):
+    def run(self, around=contextlib.nullcontext):
+        """Re-runs the call under `around()` and returns the tensors its forward saves, in order."""
         saved = []
 
         def capture(t):
@@ -79,15 +83,53 @@ class RecomputeScope:
                 torch.cuda.set_rng_state(self.cuda_rng, self.device)
             autocast = (torch.autocast(self.autocast[0], dtype=self.autocast[1]) if self.autocast
                         else contextlib.nullcontext())
-            with torch.enable_grad(), autocast, self.on_recompute(), \
+            with torch.enable_grad(), autocast, self.on_recompute(), around(), \
                     torch.autograd.graph.saved_tensors_hooks(capture, _never_unpacked):
                 self.module(*args, **kwargs)
-        if len(saved) != self.count:
-            raise RuntimeError(f"recompute of {type(self.module).__name__} saved {len(saved)} tensors where the "
-                               f"forward saved {self.count}: its forward is not deterministic in structure; "
-                               f"use activations='keep' or 'swap' for it")
-        self.saved = saved
+        return saved
+
+    def release(self):
         self.args = self.kwargs = None
+
+
+def structure_error(module, got, want):
+    return RuntimeError(f"recompute of {type(module).__name__} saved {got} tensors where the forward saved "
+                        f"{want}: its forward is not deterministic in structure; use activations='keep' or "
+                        f"'swap' for it")
+
+
+class RecomputeScope:
+    """The saved-tensor hooks of one block call under "recompute"."""
+
+    prev = None
+
+    def __init__(self, module, args, kwargs, device, on_recompute):
+        self.replay = Replay(module, args, kwargs, device, on_recompute)
+        self.count = 0
+        self.saved = None
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+    def pack(self, t):
+        i = self.count
+        self.count += 1
+        return i
+
+    def unpack(self, i):
+        if self.saved is None:
+            saved = self.replay.run()
+            if len(saved) != self.count:
+                raise structure_error(self.replay.module, len(saved), self.count)
+            self.saved = saved
+            self.replay.release()
+        t = self.saved[i]
+        self.saved[i] = None   # each saved tensor is unpacked once; free it as soon as it is handed over
+        return t
+
+    def exit(self):
+        """Nothing was sent out."""
+
+    def prefetch(self):
+        """Nothing to bring back: the inputs are on the device."""
 
 
 def _never_unpacked(_):
@@ -95,37 +137,116 @@ def _never_unpacked(_):
                        "saved tensors")
 
 
+class HostStash:
+    """Host copies of one block call's tensors: out on the device->host stream during forward, back on the
+    host->device stream when prefetched (Note [swap-in prefetch]). On a CPU device the "host copy" is a
+    clone, so the original can be freed and the same code paths run in CI."""
+
+    def __init__(self, device, d2h, h2d, profiler=None, unit=0):
+        self.device, self.d2h, self.h2d = device, d2h, h2d
+        self.cuda = device.type == "cuda"
+        self.host = []      # host tensors
+        self.out_events = []
+        self.back = None    # device tensors once fetched
+        self.back_event = None
+        self.nbytes = 0
+        self.profiler, self.unit = profiler, unit
+        self.t_out = None
+
+    def put(self, t):
+        """Starts the copy of t to the host; returns its index."""
+        self.nbytes += t.numel() * t.element_size()
+        if not self.cuda:
+            if self.profiler and self.t_out is None:
+                self.t_out = self.profiler.begin_work(KIND_SWAP_OUT, self.unit)
+            self.host.append(t.detach().clone())
+            return len(self.host) - 1
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        self.d2h.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.d2h):
+            if self.profiler and self.t_out is None:   # timed on the copy stream, from the first copy out
+                self.t_out = self.profiler.begin_work(KIND_SWAP_OUT, self.unit, self.d2h)
+            host.copy_(t, non_blocking=True)
+        t.record_stream(self.d2h)   # the allocator must not reuse t's memory before the copy has read it
+        self.host.append(host)
+        return len(self.host) - 1
+
+    def sealed(self):
+        """Forward of the call is over: one event covers every copy out; one trace span for them."""
+        if self.cuda and self.host:
+            ev = torch.cuda.Event()
+            ev.record(self.d2h)
+            self.out_events.append(ev)
+        if self.profiler and self.t_out is not None:
+            self.profiler.end_work(self.t_out, KIND_SWAP_OUT, self.unit, self.nbytes, self.d2h if self.cuda else None)
+
+    def prefetch(self):
+        if self.back is not None or not self.host:
+            return
+        prof = self.profiler
+        if not self.cuda:
+            t0 = prof.begin_work(KIND_SWAP_IN, self.unit) if prof else None
+            self.back = self.host
+            if prof:
+                prof.end_work(t0, KIND_SWAP_IN, self.unit, self.nbytes)
+        else:
+            with torch.cuda.stream(self.h2d):
+                for ev in self.out_events:
+                    self.h2d.wait_event(ev)
+                t0 = prof.begin_work(KIND_SWAP_IN, self.unit, self.h2d) if prof else None
+                self.back = [h.to(self.device, non_blocking=True) for h in self.host]
+                if prof:
+                    prof.end_work(t0, KIND_SWAP_IN, self.unit, self.nbytes, self.h2d)
+                self.back_event = torch.cuda.Event()
+                self.back_event.record(self.h2d)
+
+    def get(self, i):
+        self.prefetch()
+        t = self.back[i]
+        self.back[i] = None
+        self.host[i] = None
+        if self.cuda:
+            cur = torch.cuda.current_stream(self.device)
+            cur.wait_event(self.back_event)
+            t.record_stream(cur)
+        return t
+
+
 class SwapScope:
     """The saved-tensor hooks of one block call under "swap"."""
 
-    def __init__(self, device, d2h_stream, param_storages, trace=None, unit=None):
-        self.device, self.stream = device, d2h_stream
+    def __init__(self, device, stash, param_storages, prev=None):
+        self.device, self.stash = device, stash
         self.param_storages = param_storages
-        self.trace, self.unit = trace, unit   # a profiler.Profiler: copies are timed on their streams
+        self.prev = prev
         self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
     def pack(self, t):
-        if t.device.type != "cuda" or t.untyped_storage().data_ptr() in self.param_storages:
-            return (None, t, None)
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        ev = torch.cuda.Event()
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream):
-            span = self.trace.begin_work(trace_kind.ACT_SWAP_OUT, self.unit, self.stream) if self.trace else None
-            host.copy_(t, non_blocking=True)
-            if span is not None:
-                self.trace.end_work(span, trace_kind.ACT_SWAP_OUT, self.unit, host.nbytes, self.stream)
-            ev.record(self.stream)
-        t.record_stream(self.stream)
-        return (host, None, ev)
+        if t.device.type != self.device.type or t.untyped_storage().data_ptr() in self.param_storages:
+            return (None, t)
+        return (self.stash.put(t), None)
 
     def unpack(self, packed):
-        host, t, ev = packed
-        if host is None:
-            return t
-        ev.synchronize()
-        span = self.trace.begin_work(trace_kind.ACT_SWAP_IN, self.unit) if self.trace else None
-        t = host.to(self.device, non_blocking=True)
-        if span is not None:
-            self.trace.end_work(span, trace_kind.ACT_SWAP_IN, self.unit, host.nbytes)
-        return t
+        i, t = packed
+        return t if i is None else self.stash.get(i)
+
+    def exit(self):
+        self.stash.sealed()
+
+    def prefetch(self):
+        self.stash.prefetch()
+
+
+def open_scope(policy, module, args, kwargs, *, unit, device, d2h, h2d, profiler, param_storages, on_recompute,
+               prev):
+    """The saved-tensor scope of one block call under `policy` ("keep" and "auto" still undecided: None)."""
+    if policy == "recompute":
+        return RecomputeScope(module, args, kwargs, device, on_recompute)
+    if policy == "swap" or isinstance(policy, float):
+        stash = HostStash(device, d2h, h2d, profiler, unit.index)
+        if policy == "swap":
+            return SwapScope(device, stash, param_storages(), prev)
+        from .token_split import TokenSplitScope
+        return TokenSplitScope(module, args, kwargs, device, policy, stash,
+                               unit.extra.setdefault("split_layouts", {}), param_storages(), on_recompute, prev)
+    return None

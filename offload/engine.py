@@ -9,7 +9,7 @@ import weakref
 import torch
 
 from . import checkpoint
-from .activations import POLICIES
+from .activations import POLICIES, check_policy
 from .adam import grad_sumsq
 from .errors import BudgetError, ConfigError
 from .groups import split_units
@@ -110,10 +110,7 @@ class Engine:
             raise ConfigError(f"grad_accum={grad_accum!r}: must be an integer >= 1")
         if clip_grad_norm is not None and not (isinstance(clip_grad_norm, (int, float)) and clip_grad_norm > 0):
             raise ConfigError(f"clip_grad_norm={clip_grad_norm!r}: must be a positive number or None")
-        if isinstance(activations, float):
-            raise ConfigError(f"activations={activations}: the token-wise split is not available in this build; "
-                              f"use one of {POLICIES}")
-        if activations not in POLICIES:
+        if check_policy(activations) is None:
             raise ConfigError(f"activations={activations!r}: use one of {POLICIES} or a float in (0, 1)")
         optimizer = optimizer if optimizer is not None else AdamW()
         if not isinstance(optimizer, AdamW):

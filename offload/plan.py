@@ -35,6 +35,7 @@ class UnitPlan:
     states_home: str   # "gpu" | "cpu" | "nvme" | "-" (frozen unit: no states)
     activations: str = "keep"
     update_on: str = "host"   # where AdamW runs for arena states: "host" (CPU) or "device" (streamed through it)
+    activations_chosen: object = None   # what "auto" picked for the unit after the first step
 
 
 @dataclass
@@ -89,8 +90,8 @@ class Plan:
                 continue
             where = "-" if u.states_home == "-" else ("gpu" if u.states_home == "gpu" or u.update_on == "device"
                                                        else "cpu")
-            lines.append(f"{u.name[:27]:<28}{u.numel:>14,}  {u.params_home:<6}  {u.states_home:<6}  {where:<6}  "
-                         f"{u.activations}")
+            act = u.activations if u.activations_chosen is None else f"{u.activations}: {u.activations_chosen}"
+            lines.append(f"{u.name[:27]:<28}{u.numel:>14,}  {u.params_home:<6}  {u.states_home:<6}  {where:<6}  {act}")
         lines += self.notes
         return "\n".join(lines)
 

@@ -20,13 +20,13 @@ units it prefetched in vain are released at the end of the phase.
 import torch
 from torch.utils._pytree import tree_flatten
 
-from .activations import RecomputeScope, SwapScope
+from . import act_auto
+from .activations import open_scope
 from ._native import trace_kind
 from .groups import UnitState
 
 KIND_COMPUTE = trace_kind.COMPUTE
 AUTO_HEADROOM = 0.25   # of the device budget, left for the head, the loss and backward when "auto" keeps
-AUTO_SAFETY = 0.05     # of the device budget, never planned into when converting blocks back to "keep"
 
 
 class _PostBackward(torch.autograd.Function):
@@ -70,6 +70,7 @@ class Streamer:
         self.act_adjusted = False
         self.param_storages = set()
         self.current = None    # the unit acquired last: where an out-of-memory error is reported
+        self.last_scope = None
 
     # ---- installation ---------------------------------------------------------------------------------
     def install(self):
@@ -107,6 +108,7 @@ class Streamer:
         self.cursor = 0
         self.calls = {}
         self.current = None
+        self.last_scope = None
 
     def end_forward(self):
         if not self.recorded["forward"] and self.seq["forward"]:
@@ -182,15 +184,17 @@ class Streamer:
                     flat[i] = o
                 args, kwargs = torch.utils._pytree.tree_unflatten(flat, spec)
             policy = self._policy(u)
-            if policy == "recompute":
-                call.scope = RecomputeScope(module, args, kwargs, self.device, self._recompute_ctx)
-            elif policy == "swap" and self.cuda:
-                call.scope = SwapScope(self.device, self.tiers.d2h, self._param_storages(),
-                                       trace=self.profiler, unit=u.index)
+            call.scope = open_scope(policy, module, args, kwargs, unit=u, device=self.device, d2h=self.tiers.d2h,
+                                    h2d=self.tiers.h2d, profiler=self.profiler, param_storages=self._param_storages,
+                                    on_recompute=self._recompute_ctx, prev=self.last_scope)
             if call.scope is not None:
+                if getattr(call.scope, "stash", None) is not None:
+                    self.last_scope = call.scope   # Note [swap-in prefetch]
                 call.scope.hooks.__enter__()
             if policy == "auto" and self.cuda:
                 u.extra["mem_before"] = torch.cuda.memory_allocated(self.device)
+            if self.cuda and not self.act_adjusted and u.plan.activations == "auto" and u.kind == "block":
+                u.extra["fwd_timer"] = act_auto.start_timer(self.device)   # Note [auto activations]
         return args, kwargs
 
     def _post_forward(self, u, output):
@@ -200,6 +204,9 @@ class Streamer:
             self.profiler.end_work(call.t0, KIND_COMPUTE, u.index)
         if call.scope is not None:
             call.scope.hooks.__exit__(None, None, None)
+            call.scope.exit()
+        if "fwd_timer" in u.extra:
+            act_auto.stop_timer(u.extra["fwd_timer"], self.device)
         if self._policy(u) == "auto" and self.cuda and "mem_before" in u.extra:
             grown = torch.cuda.memory_allocated(self.device) - u.extra.pop("mem_before")
             self.act_peak = max(self.act_peak, grown)
@@ -244,17 +251,8 @@ class Streamer:
         return choice if choice == "recompute" else "auto"
 
     def adjust_after_first_step(self):
-        """"auto" after the first step: the memory left under the budget at that step's peak lets the last
-        recomputed blocks keep their activations instead (they are the first ones backward needs)."""
-        budget = self.plan.budgets.get("gpu")
-        if not self.cuda or budget is None or not self.act_peak or self.act_adjusted:
-            return
-        self.act_adjusted = True
-        spare = int(budget * (1 - AUTO_SAFETY)) - torch.cuda.max_memory_allocated(self.device)
-        n = max(0, spare // self.act_peak)
-        recomputed = sorted((i for i, p in self.act_decided.items() if p == "recompute"), reverse=True)
-        for i in recomputed[:n]:
-            self.act_decided[i] = "keep"
+        """"auto" after the first step: keep / swap / split / recompute per block (Note [auto activations])."""
+        act_auto.adjust(self)
 
     def _recompute_ctx(self):
         streamer = self
@@ -280,6 +278,10 @@ class Streamer:
             torch.autograd.Variable._execution_engine.queue_callback(self.end_backward)
         call.started = True
         self._acquire(call.unit, "backward")
+        if call.scope is not None:      # Note [swap-in prefetch]
+            call.scope.prefetch()
+            if call.scope.prev is not None:
+                call.scope.prev.prefetch()
         if self.profiler:
             call.t0 = self.profiler.begin_work(KIND_COMPUTE, call.unit.index)
 

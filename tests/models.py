@@ -1,8 +1,9 @@
 """Seeded, deterministic test models and batches for the engine parity suite.
 
 Every model is called as ``model(**batch)`` and returns an object with ``.loss`` (``Out`` here, a
-Hugging Face ``ModelOutput`` for the HF models), so one training loop serves every test. No dropout
-anywhere: parity needs a deterministic forward, and "recompute" re-runs it.
+Hugging Face ``ModelOutput`` for the HF models), so one training loop serves every test. No dropout unless
+asked for (TinyGPT's ``dropout``): parity against a separate reference needs a deterministic forward; the
+activation tests use it to check that a recompute draws the same random numbers as the forward did.
 """
 import dataclasses
 import math
@@ -57,9 +58,10 @@ def mlp_batches(n, seed=1, batch=8, d_in=32, d_out=8):
 class Block(nn.Module):
     """Pre-norm transformer block: causal self-attention (written out, no SDPA) + GELU MLP."""
 
-    def __init__(self, d, n_head):
+    def __init__(self, d, n_head, dropout=0.0):
         super().__init__()
         self.n_head = n_head
+        self.dropout = dropout
         self.ln1 = nn.LayerNorm(d)
         # No qkv bias: the key bias gets an exactly-zero gradient in exact arithmetic, so its gradient is pure
         # rounding noise that AdamW normalises to full-size steps; no implementation can match another's noise.
@@ -77,20 +79,21 @@ class Block(nn.Module):
         att = (q @ k.transpose(-2, -1)) / math.sqrt(d // h)
         mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
         att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        att = F.dropout(att, self.dropout, self.training)
         y = (att @ v).transpose(1, 2).reshape(b, t, d)
         x = x + self.proj(y)
-        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+        return x + F.dropout(self.out(F.gelu(self.fc(self.ln2(x)))), self.dropout, self.training)
 
 
 class TinyGPT(nn.Module):
     """Token + position embedding, N identical blocks in an nn.ModuleList, final LayerNorm, and an LM
     head tied to the token embedding (one Parameter under two state_dict keys)."""
 
-    def __init__(self, vocab=128, d=48, n_layer=6, n_head=4, max_len=32):
+    def __init__(self, vocab=128, d=48, n_layer=6, n_head=4, max_len=32, dropout=0.0):
         super().__init__()
         self.tok_emb = nn.Embedding(vocab, d)
         self.pos_emb = nn.Embedding(max_len, d)
-        self.blocks = nn.ModuleList(Block(d, n_head) for _ in range(n_layer))
+        self.blocks = nn.ModuleList(Block(d, n_head, dropout) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(d)
         self.lm_head = nn.Linear(d, vocab, bias=False)
         self.lm_head.weight = self.tok_emb.weight

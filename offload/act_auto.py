@@ -1,0 +1,124 @@
+"""activations="auto" after the first step: per block, keep / swap / token-wise split / recompute, from what
+that step measured (Note [auto activations]).
+
+Note [auto activations]: the first step keeps blocks while the projected activation memory fits the device
+budget and recomputes the rest (stream.Streamer._policy), and it times every block's forward on the device
+(CUDA events) and measures each block's activation bytes (the growth of allocated memory across a kept
+block). After it:
+1. keep: the memory left under the budget at that step's peak lets the last recomputed blocks keep their
+   activations instead (they are the first ones backward needs); one block's worth stays free for the
+   swap-in prefetch when anything is swapped.
+2. swap: of the blocks still recomputed, the earliest ones (the last that backward needs, so their copies
+   have the longest to come back) are swapped whole while the device->host traffic fits under
+   SWAP_HIDE_SHARE of the forward's measured compute, at a device<->host rate measured now with pinned
+   copies, and the host copies fit the CPU memory left beside the arena. Hidden traffic costs nothing; a
+   recompute costs a forward of the block.
+3. split: the traffic still hidden after that gives the next block a token-wise split with the fraction
+   it covers (at least SPLIT_MIN): its leaves after attention then recompute fewer rows.
+The rest stay recomputed. The choice is written into the plan (str(engine.plan)).
+"""
+import time
+
+import torch
+
+AUTO_SAFETY = 0.05      # of the device budget, never planned into when converting blocks back to "keep"
+SWAP_HIDE_SHARE = 0.9   # of the forward's compute time that activation copies to the host may take
+SPLIT_MIN = 0.1         # smaller fractions save too little to pay for their calibration step
+HOST_SHARE = 0.9        # of the CPU memory beside the arena that activation copies may take
+
+
+def start_timer(device):
+    ev = torch.cuda.Event(enable_timing=True)
+    ev.record(torch.cuda.current_stream(device))
+    return [ev, None]
+
+
+def stop_timer(timer, device):
+    ev = torch.cuda.Event(enable_timing=True)
+    ev.record(torch.cuda.current_stream(device))
+    timer[1] = ev
+
+
+def _elapsed_s(timers):
+    torch.cuda.synchronize()
+    return sum(a.elapsed_time(b) / 1e3 for a, b in timers if b is not None)
+
+
+def measure_pcie(device, nbytes=64 << 20):
+    """(device->host, host->device) bytes per second of a pinned copy, measured now."""
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    rates = []
+    for dst, src in ((host, dev), (dev, host)):
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        for _ in range(3):
+            dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize(device)
+        rates.append(3 * nbytes / (time.perf_counter() - t))
+    return tuple(rates)
+
+
+def host_room(plan):
+    import psutil
+    cpu = plan.budgets.get("cpu")
+    free = cpu - plan.buffers.get("cpu_arena", 0) if cpu is not None else psutil.virtual_memory().available
+    return int(max(0, free) * HOST_SHARE)
+
+
+def choose(recomputed, act_bytes, fwd_s, spare, d2h_rate, room):
+    """{block index: policy} for the blocks the first step recomputed (forward order), following Note
+    [auto activations]. act_bytes: one block's activations; fwd_s: the forward's compute of all blocks;
+    spare: device bytes left under the budget at the first step's peak; room: host bytes for copies."""
+    out = {i: "recompute" for i in recomputed}
+    if not recomputed or act_bytes <= 0:
+        return out
+    hidden = min(SWAP_HIDE_SHARE * fwd_s * d2h_rate, room) / act_bytes   # blocks' worth of hidden traffic
+
+    def assign(n_keep):
+        rest = recomputed[:len(recomputed) - n_keep]
+        n_swap = min(len(rest), int(hidden))
+        a = round(min(hidden - n_swap, 1 - SPLIT_MIN), 2)
+        split = rest[n_swap] if n_swap < len(rest) and a >= SPLIT_MIN else None
+        return rest[:n_swap], split, recomputed[len(recomputed) - n_keep:], a
+
+    n_keep = min(len(recomputed), max(0, spare // act_bytes))
+    swap, split, keep, a = assign(n_keep)
+    if (swap or split is not None) and n_keep and (n_keep + 1) * act_bytes > spare:
+        swap, split, keep, a = assign(n_keep - 1)   # one block's worth stays free for the swap-in prefetch
+    out.update({i: "swap" for i in swap})
+    out.update({i: "keep" for i in keep})
+    if split is not None:
+        out[split] = a
+    return out
+
+
+def adjust(streamer):
+    """Applies choose() to a streamer after its first step (stream.Streamer.adjust_after_first_step)."""
+    s = streamer
+    if s.act_adjusted or not s.cuda:
+        return
+    s.act_adjusted = True     # also stops the timing of block forwards
+    timers = [u.extra.pop("fwd_timer") for u in s.units if "fwd_timer" in u.extra]
+    budget = s.plan.budgets.get("gpu")
+    if budget is None or not s.act_peak:
+        return
+    fwd_s = _elapsed_s(timers)
+    spare = int(budget * (1 - AUTO_SAFETY)) - torch.cuda.max_memory_allocated(s.device)
+    recomputed = sorted(i for i, p in s.act_decided.items() if p == "recompute")
+    d2h, _ = measure_pcie(s.device)
+    # Host copies come from torch's pinned caching allocator, which rounds each block up to a power of two:
+    # up to twice the bytes.
+    room = host_room(s.plan) // 2
+    chosen = choose(recomputed, s.act_peak, fwd_s, max(0, spare), d2h, room)
+    s.act_decided.update(chosen)
+    for i, p in s.act_decided.items():
+        s.plan.units[i].activations_chosen = p
+    counts = {}
+    for p in s.act_decided.values():
+        counts[str(p)] = counts.get(str(p), 0) + 1
+    s.plan.notes.append(
+        "activations auto (after step 1): " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+        + f"; measured per block {s.act_peak / 2**20:.0f} MiB of activations, forward compute {fwd_s:.3f} s, "
+          f"device->host {d2h / 1e9:.1f} GB/s, host room {room / 2**30:.1f} GiB")

@@ -1,0 +1,287 @@
+"""The activation policies on their own (offload.activations, offload.token_split) and through the engine:
+every policy, the token-wise split at 0.25/0.5/0.75 among them, gives the gradients of keeping everything
+(fp32, CPU, rel 1e-6) on a small transformer with dropout and on a tiny Hugging Face Llama; the split really
+splits (recomputed rows, swapped rows); swaps appear in the trace as their own spans.
+"""
+import contextlib
+import copy
+import json
+import types
+
+import pytest
+import torch
+
+import offload
+from offload.activations import open_scope
+from offload.token_split import leaf_modules
+from conftest import HP, assert_runs_match, run_engine, run_reference
+from models import hf_batches, make_gpt, make_hf, repeated_blocks, token_batches
+
+POLICIES = ["keep", "recompute", "swap", 0.25, 0.5, 0.75]
+GRAD_RTOL = 1e-6
+
+
+class PolicyOnBlocks:
+    """Installs one activation policy on every repeated block the way the engine's streamer does (a scope
+    entered in the block's forward pre-hook, left in its forward hook), without the engine: the gradients
+    then come straight from autograd."""
+
+    def __init__(self, model, policy):
+        self.policy, self.recomputing, self.stack, self.scopes = policy, 0, [], []
+        self.units = {}
+        self.handles = []
+        for i, b in enumerate(repeated_blocks(model)):
+            self.units[b] = types.SimpleNamespace(index=i, extra={})
+            self.handles.append(b.register_forward_pre_hook(self._pre, with_kwargs=True))
+            self.handles.append(b.register_forward_hook(self._post))
+
+    @contextlib.contextmanager
+    def _recompute(self):
+        self.recomputing += 1
+        try:
+            yield
+        finally:
+            self.recomputing -= 1
+
+    def _pre(self, module, args, kwargs):
+        if self.recomputing or not torch.is_grad_enabled():
+            return None
+        scope = open_scope(self.policy, module, args, kwargs, unit=self.units[module], device=torch.device("cpu"),
+                           d2h=None, h2d=None, profiler=None, param_storages=set, on_recompute=self._recompute,
+                           prev=None)
+        self.stack.append(scope)
+        if scope is not None:
+            self.scopes.append(scope)
+            scope.hooks.__enter__()
+        return None
+
+    def _post(self, module, args, output):
+        if self.recomputing or not torch.is_grad_enabled():
+            return None
+        scope = self.stack.pop()
+        if scope is not None:
+            scope.hooks.__exit__(None, None, None)
+            scope.exit()
+        return None
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _grads(model, batches, policy, seed=0):
+    """Per micro-batch: the loss and every parameter's gradient, under `policy`, from the same RNG seed."""
+    model = copy.deepcopy(model)
+    hooks = PolicyOnBlocks(model, policy) if policy != "keep" else None
+    torch.manual_seed(seed)
+    out = []
+    for b in batches:
+        loss = model(**b).loss
+        loss.backward()
+        out.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        model.zero_grad(set_to_none=True)
+    return out, hooks
+
+
+def _assert_same_grads(got, ref):
+    for step, ((loss, g), (ref_loss, r)) in enumerate(zip(got, ref)):
+        assert abs(loss - ref_loss) <= GRAD_RTOL * abs(ref_loss), (step, loss, ref_loss)
+        assert g.keys() == r.keys()
+        for n in r:
+            err = ((g[n] - r[n]).norm() / r[n].norm().clamp_min(1e-30)).item()
+            assert err <= GRAD_RTOL, f"step {step} {n}: gradient off by rel {err:.2e}"
+
+
+def _gpt_with_dropout():
+    return make_gpt(dropout=0.1)
+
+
+def _llama():
+    m = make_hf("llama")
+    m.config.use_cache = False          # a key/value cache would be appended to again by a recompute
+    m.config.attention_dropout = 0.1
+    for layer in m.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    return m
+
+
+MODELS = {"gpt": (_gpt_with_dropout, lambda: token_batches(3)),
+          "llama": (_llama, lambda: hf_batches("llama", 3))}
+
+
+@pytest.mark.parametrize("policy", POLICIES[1:], ids=str)
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_policy_gradients_equal_keep(name, policy):
+    """Loss and every gradient of three micro-batches (the first calibrates the split, the next two use it)
+    equal keeping everything within rel 1e-6, with dropout on: a recompute draws the forward's random
+    numbers."""
+    make, batches = MODELS[name]
+    model, data = make(), batches()
+    ref, _ = _grads(model, data, "keep")
+    got, hooks = _grads(model, data, policy)
+    _assert_same_grads(got, ref)
+    assert hooks.scopes, "the policy opened no scope"
+
+
+def test_dropout_matters():
+    """Sanity: another RNG seed gives other gradients, so the test above sees a recompute drawing other
+    random numbers."""
+    model, data = _gpt_with_dropout(), token_batches(1)
+    a, _ = _grads(model, data, "keep", seed=0)
+    b, _ = _grads(model, data, "keep", seed=1)
+    name = "blocks.0.fc.weight"
+    assert (a[0][1][name] - b[0][1][name]).norm() > 1e-3 * a[0][1][name].norm()
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_split_recomputes_only_dropped_rows_after_attention(name):
+    """The calibrated split of a block runs its leaves from the output projection on (after attention) on
+    the dropped rows only, swaps only token rows (no whole tensor) and drops the rest; the swapped bytes
+    are about a of what "swap" moves for those tensors."""
+    make, batches = MODELS[name]
+    model, data = make(), batches()
+    _, hooks = _grads(model, data[:2], 0.5)
+    block, unit = next(iter(hooks.units.items()))
+    lay = next(iter(unit.extra["split_layouts"].values()))
+    leaves = [type(m).__name__ for m in leaf_modules(block)]
+    assert 0 < lay.c < len(leaves), (lay.c, leaves)
+    kinds = [k[0] for k in lay.kinds]
+    assert "splice" in kinds and "full" in kinds and "whole" not in kinds, kinds
+    assert any(len(k) > 2 and k[2] for k in lay.kinds), "no leaf ran on the dropped rows only"
+
+
+def test_split_swaps_a_fraction_of_the_rows():
+    """Under a split the host copies of one block call are the first a of the token rows of the spliced
+    tensors: bytes grow with a, and stay below what "swap" stores for the same call."""
+    model, data = _gpt_with_dropout(), token_batches(2)
+    stored = {}
+    for policy in ("swap", 0.25, 0.75):
+        _, hooks = _grads(model, data, policy)
+        stored[policy] = hooks.scopes[-1].stash.nbytes
+    assert 0 < stored[0.25] < stored[0.75] < stored["swap"], stored
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=str)
+def test_engine_policy_parity(policy, tmp_path):
+    """Through the engine (params streamed from the CPU tier): losses and weights after four AdamW steps
+    equal plain PyTorch's."""
+    model = make_gpt()
+    batches = token_batches(4)
+    ref = run_reference(model, batches)
+    got = run_engine(model, batches, mix="cpu", tmp_path=tmp_path, activations=policy)
+    assert_runs_match(got, ref, model)
+
+
+@pytest.mark.parametrize("policy", [0.5, "swap"], ids=str)
+def test_engine_hf_llama_split_parity(policy, tmp_path):
+    model = make_hf("llama")
+    batches = hf_batches("llama", 3)
+    hp = dict(HP, lr=2e-3)
+    ref = run_reference(model, batches, hp=hp)
+    got = run_engine(model, batches, mix="cpu", tmp_path=tmp_path, hp=hp, activations=policy)
+    assert_runs_match(got, ref, model)
+
+
+@pytest.mark.parametrize("policy", [0.5, "swap"], ids=str)
+def test_swaps_are_trace_spans(policy, tmp_path):
+    """Activation copies out (forward) and back (backward) are spans of their own lanes, per block, with
+    their bytes."""
+    path = tmp_path / "t.json"
+    model = make_gpt()
+    with offload.engine(model, optimizer=offload.AdamW(**HP), device="cpu", activations=policy,
+                        trace=str(path)) as eng:
+        for b in token_batches(2):
+            eng.backward(eng(**b).loss)
+            eng.step()
+    events = json.loads(path.read_text())["traceEvents"]
+    for cat in ("act_swap_out", "act_swap_in"):
+        spans = [e for e in events if e.get("cat") == cat]
+        assert len(spans) >= 2 * len(model.blocks), (cat, len(spans))
+        assert all(e["args"]["bytes"] > 0 and str(e["args"]["unit"]).startswith("blocks.") for e in spans)
+
+
+def test_float_policy_accepted_and_bad_ones_refused():
+    for bad in (0.0, 1.0, 1.5, -0.1, True):
+        with pytest.raises(ValueError, match="activations"):
+            offload.engine(make_gpt(), device="cpu", activations=bad)
+
+
+# ------------------------------------------------------------------------------------ auto, after step 1
+
+MiB = 1 << 20
+
+
+def test_auto_keeps_what_fits_then_swaps_what_hides_then_splits():
+    """Eight recomputed blocks of 100 MiB; 250 MiB spare would keep the last two, but one block's worth
+    stays free for the swap-in prefetch, so one is kept; a forward of 0.1 s at 10 GB/s hides 0.9 GB
+    (8.6 blocks): the seven others are swapped."""
+    from offload.act_auto import choose
+    got = choose(list(range(8)), 100 * MiB, 0.1, 250 * MiB, 10e9, 1 << 40)
+    assert [got[i] for i in range(8)] == ["swap"] * 7 + ["keep"], got
+    got = choose(list(range(8)), 100 * MiB, 0.1, 350 * MiB, 10e9, 1 << 40)
+    assert [got[i] for i in range(8)] == ["swap"] * 6 + ["keep"] * 2, got
+
+
+def test_auto_swap_limited_by_hidden_traffic_and_split_takes_the_remainder():
+    """Forward 0.05 s at 5 GB/s hides 0.9*250 MB = 225 MB: two 100 MiB blocks swapped whole (209.7 MB), the
+    remaining 15.3 MB is 0.15 of a block: the next block splits with a = 0.15, the rest recompute."""
+    from offload.act_auto import choose
+    got = choose(list(range(6)), 100 * MiB, 0.05, 0, 5e9, 1 << 40)
+    assert [got[i] for i in range(6)] == ["swap", "swap", 0.15, "recompute", "recompute", "recompute"], got
+
+
+def test_auto_swap_limited_by_host_memory():
+    from offload.act_auto import choose
+    got = choose(list(range(6)), 100 * MiB, 10.0, 0, 10e9, 250 * MiB)
+    assert [got[i] for i in range(6)] == ["swap", "swap", 0.5, "recompute", "recompute", "recompute"], got
+
+
+def test_auto_nothing_recomputed_changes_nothing():
+    from offload.act_auto import choose
+    assert choose([], 100 * MiB, 1.0, 1 << 40, 10e9, 1 << 40) == {}
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("policy", ["swap", 0.5, "auto", "recompute"], ids=str)
+@pytest.mark.parametrize("name", ["gpt", "llama"])
+def test_bf16_gpu_policy_parity(name, policy, tmp_path):
+    """bf16 on the GPU, params streamed from the CPU tier: every policy within the bf16 tolerances of
+    test_engine_gpu against an fp32-master autocast reference (copies on the side streams, swap-in prefetch,
+    split calibration on the first step and the split after it)."""
+    from test_engine_gpu import _bf16_pair, assert_bf16_close
+    model = make_gpt() if name == "gpt" else make_hf("llama")
+    batches = token_batches(5) if name == "gpt" else hf_batches("llama", 5)
+    got, ref = _bf16_pair(model, batches, "cpu", tmp_path, activations=policy)
+    assert_bf16_close(got, ref, model)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_split_gradients_equal_swap():
+    """fp32 on the GPU: losses and weights after three AdamW steps under the split equal those under "swap"
+    (which stores every tensor exactly), up to cuBLAS rounding a matmul on fewer rows differently."""
+    model = make_gpt().cuda()
+    data = [{k: v.cuda() for k, v in b.items()} for b in token_batches(3)]
+    results = {}
+    for policy in ("swap", 0.5):
+        m = copy.deepcopy(model)
+        eng = offload.engine(m, optimizer=offload.AdamW(**HP), device="cuda", dtype=torch.float32,
+                             activations=policy)
+        grads = []
+        try:
+            for b in data:
+                loss = eng(**b).loss
+                eng.backward(loss)
+                eng.sync()
+                grads.append(loss.item())
+                eng.step()
+            results[policy] = (grads, eng.state_dict())
+        finally:
+            eng.close()
+    (la, sa), (lb, sb) = results["swap"], results[0.5]
+    assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(la, lb)), (la, lb)
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], rtol=1e-4, atol=1e-5)
