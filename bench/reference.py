@@ -67,11 +67,29 @@ def cap_gpu(a):
         torch.cuda.set_per_process_memory_fraction(min(1.0, a.gpu_cap * 2**30 / total))
 
 
-def timed_steps(a, step_fn):
+def steady_state_counters():
+    """Counters whose growth over steady-state steps means per-step allocation: cudaMalloc'd segments of
+    the caching allocator, its allocation requests, live Python blocks and tensors."""
+    import gc
+    import torch
+    st = torch.cuda.memory_stats()
+    gc.collect()
+    return {"cuda_segments": st.get("segment.all.allocated", 0),
+            "cuda_alloc_requests": st.get("allocation.all.allocated", 0),
+            "python_blocks": sys.getallocatedblocks(),
+            "live_tensors": sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))}
+
+
+def timed_steps(a, step_fn, counters=None):
+    """Times warm-up + steps; with counters (a dict), fills it with the growth of steady_state_counters()
+    per timed step."""
     import torch
     times, losses = [], []
     data = batches(a, "cuda")
     for i in range(a.warmup + a.steps):
+        if counters is not None and i == a.warmup:
+            torch.cuda.synchronize()
+            before = steady_state_counters()
         torch.cuda.synchronize()
         t = time.perf_counter()
         loss = step_fn(data[i % len(data)])
@@ -79,6 +97,9 @@ def timed_steps(a, step_fn):
         times.append(time.perf_counter() - t)
         losses.append(float(loss))
         print(f"  step {i}: {times[-1]:.3f} s loss {losses[-1]:.4f}", flush=True)
+    if counters is not None and a.steps:
+        after = steady_state_counters()
+        counters.update({k: (after[k] - before[k]) / a.steps for k in after})
     return times[a.warmup:], losses
 
 
@@ -99,10 +120,12 @@ def run_offload(a):
         eng.backward(out.loss)
         eng.step()
         return out.loss.detach()
-    times, losses = timed_steps(a, step)
+    growth = {}
+    times, losses = timed_steps(a, step, growth)
     eng.sync()
     print(eng.plan, flush=True)   # again: "auto" writes its per-block choice after the first step
-    extra = {"act_plan": [n for n in eng.plan.notes if n.startswith("activations")],"setup_s": round(setup_s, 1), "plan_bytes": eng.plan.bytes, "moved": eng.tiers.moved,
+    extra = {"act_plan": [n for n in eng.plan.notes if n.startswith("activations")], "setup_s": round(setup_s, 1),
+             "steady_state_growth_per_step": growth, "plan_bytes": eng.plan.bytes, "moved": eng.tiers.moved,
              "predicted_step_s": eng.plan.predicted_step_s, "bottleneck_planned": eng.plan.bottleneck}
     eng.close()
     return times, losses, extra
@@ -290,7 +313,7 @@ def main():
                "losses": [round(x, 4) for x in res["losses"]], "step_times": [round(x, 3) for x in res["times"]],
                "gpu_cap_gib": a.gpu_cap if system != "pytorch" else None, "cpu_memory": a.cpu_memory,
                "activations": a.activations if system == "offload" else None}
-        for k in ("setup_s", "plan_bytes", "moved", "predicted_step_s", "act_plan"):
+        for k in ("setup_s", "plan_bytes", "moved", "predicted_step_s", "act_plan", "steady_state_growth_per_step"):
             if k in res:
                 row[k] = res[k]
         rows.append(record(row))
