@@ -21,6 +21,14 @@ buffer with NaN before the reduce-scatter, so the reduced slice of *every* rank 
 decisions (eager mode) and the per-step flag agree everywhere without an extra collective per unit; step()
 still all-reduces the flag and the squared norm once per step.
 
+Note [wide reduction]: gradients are summed across ranks in the next wider dtype (fp32 in fp64, bf16/fp16 in
+fp32) and divided by N there, then rounded once to the buffer's dtype. Backends add in their own order (a ring
+starts each slice at a different rank), and in the gradient's own dtype the result would depend on it; an
+element whose terms cancel would then carry rounding noise that AdamW, dividing by sqrt(v), turns into a full
+step. In the wider dtype the sum of a few ranks' terms is exact, so the mean is the correctly rounded one
+whatever the order (and for bf16 training the reduction keeps fp32 precision, as FSDP's reduce_dtype does).
+It costs twice the reduce-scatter bytes.
+
 Note [dead peer]: a collective whose peer died fails instead of hanging: gloo reports the closed connection
 (or the process group's timeout expires) and the error is raised as DistError naming the collective, the unit
 and the number of ranks. init_from_env() takes the timeout from OFFLOAD_DIST_TIMEOUT (seconds). Under NCCL
@@ -40,6 +48,7 @@ import torch.distributed as dist
 from .errors import ConfigError
 
 TIMEOUT_ENV = "OFFLOAD_DIST_TIMEOUT"
+WIDER = {torch.float32: torch.float64, torch.bfloat16: torch.float32, torch.float16: torch.float32}
 DEFAULT_TIMEOUT_S = 600.0
 
 
@@ -219,16 +228,16 @@ class Comm:
             self._run(what, self._all_gather, flat[spec.numel_train:spec.numel], local[spec.train:spec.local])
 
     def reduce_grads(self, u, full, target, accumulate):
-        """Note [global skip], then the data-parallel mean of u's full gradient `full` (numel_train, compute
-        dtype, overwritten): this rank's slice is written into `target` (added when accumulate)."""
-        full.masked_fill_(~torch.isfinite(full).all(), float("nan"))
-        direct = not accumulate and target.dtype == full.dtype and target.device == full.device
-        out = target if direct else torch.empty(u.shard.train, dtype=full.dtype, device=full.device)
-        self._run(f"reduce_scatter of the gradients of unit '{u.name}'", self._reduce_scatter, out, full)
+        """The data-parallel mean of u's full gradient `full` (numel_train, compute dtype; Note [global skip]
+        and Note [wide reduction]): this rank's slice is written into `target` (added when accumulate)."""
+        wide = full.to(WIDER[full.dtype])
+        wide.masked_fill_(~torch.isfinite(wide).all(), float("nan"))
+        out = torch.empty(u.shard.train, dtype=wide.dtype, device=wide.device)
+        self._run(f"reduce_scatter of the gradients of unit '{u.name}'", self._reduce_scatter, out, wide)
         out.div_(self.world)
         if accumulate:
             target.add_(out)
-        elif not direct:
+        else:
             target.copy_(out)
 
     def gather_unit(self, u, compute, master):
