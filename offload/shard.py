@@ -278,10 +278,14 @@ class Comm:
         return box[0]
 
     def check_all(self, error, what):
-        """Every rank reports None or an error message; raises on every rank when any failed, so no rank goes
-        on alone into a collective that the failed one will never join."""
-        errors = self.all_gather_object(error, what)
-        bad = [(r, e) for r, e in enumerate(errors) if e is not None]
+        """Every rank reports the exception it met (or None); when any rank failed, every rank raises (its own
+        exception, or DistError naming the failed rank), so no rank goes on alone into a collective that a
+        failed one will never join."""
+        report = None if error is None else f"{type(error).__name__}: {error}"
+        reports = self.all_gather_object(report, f"the outcome of {what}")
+        if error is not None:
+            raise error
+        bad = [(r, e) for r, e in enumerate(reports) if e is not None]
         if bad:
             r, e = bad[0]
             raise DistError(f"{what} failed on rank {r} of {self.world}: {e}")

@@ -4,7 +4,7 @@ of each global batch; rank 0 writes what the test compares with one process on t
 
     python dist_worker.py parity OUT                 cases of CASES; OUT gets {case: Run fields}
     python dist_worker.py save CKPT K OUT            the checkpoint case: K steps, then engine.save(CKPT)
-    python dist_worker.py load CKPT K OUT            engine.load(CKPT), then the steps after the first K
+    python dist_worker.py load CKPT[,CKPT] K OUT     engine.load(CKPT), then the steps after the first K
     python dist_worker.py die STEP                   rank 1 exits abruptly inside step STEP; the others go on
 """
 import os
@@ -116,12 +116,16 @@ def cmd_save(ckpt, k, out):
             torch.save(as_dict(run, engine), out)
 
 
-def cmd_load(ckpt, k, out):
-    with engine_for(CKPT_CASE, os.path.dirname(os.path.abspath(out))) as engine:
-        engine.load(ckpt)
-        run = train(engine, global_batches("frozen")[k:])
-        if dist.get_rank() == 0:
-            torch.save(as_dict(run, engine), out)
+def cmd_load(ckpts, k, out):
+    """Each checkpoint in turn into a fresh engine, then the steps after the first k."""
+    results = []
+    for ckpt in ckpts:
+        with engine_for(CKPT_CASE, os.path.dirname(os.path.abspath(out))) as engine:
+            engine.load(ckpt)
+            run = train(engine, global_batches("frozen")[k:])
+            results.append(as_dict(run, engine))
+    if dist.get_rank() == 0:
+        torch.save(results, out)
 
 
 def cmd_die(step):
@@ -137,7 +141,7 @@ def main(argv):
     elif cmd == "save":
         cmd_save(argv[1], int(argv[2]), argv[3])
     elif cmd == "load":
-        cmd_load(argv[1], int(argv[2]), argv[3])
+        cmd_load(argv[1].split(","), int(argv[2]), argv[3])
     elif cmd == "die":
         cmd_die(int(argv[1]))
     else:

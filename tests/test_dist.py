@@ -47,14 +47,17 @@ def torchrun(nproc, *args, cwd=None):
 
 
 def run_data_parallel_reference(model, batches, world, *, grad_accum=1, clip=None, skip=(), hp=HP):
-    """Plain PyTorch in one process with the data-parallel arithmetic (see the module docstring). Micro-batches
-    in ``skip`` are forwarded (their loss recorded) and contribute nothing, as a skipped non-finite step."""
+    """Plain PyTorch in one process with the data-parallel arithmetic (see the module docstring); ``world``: the
+    rank count, or one per micro-batch (a run resumed on another number of ranks). Micro-batches in ``skip``
+    are forwarded (their loss recorded) and contribute nothing, as a skipped non-finite step."""
+    worlds = list(world) if isinstance(world, (list, tuple)) else [world] * len(batches)
     model = copy.deepcopy(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, foreach=False, **hp)
     run = Run(losses=[], stepped=[], state={})
     acc = None
     for i, batch in enumerate(batches):
+        world = worlds[i]
         losses, grads = [], []
         for r in range(world):
             for p in params:
@@ -137,3 +140,41 @@ def test_each_rank_holds_its_share(parity_results, tmp_path):
         assert single / world <= per_rank <= single / world * 1.25, (case, world, per_rank, single)
         for name, (numel, local) in results[case]["numel"].items():
             assert local * world == numel, (name, numel, local)
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+
+def test_checkpoint_saved_on_2_ranks_loads_on_3_and_on_1(tmp_path):
+    """Saved on 2 ranks after K steps, resumed on 3 ranks and in one process; a one-process checkpoint resumed
+    on 3 ranks. Each resumed run equals an uninterrupted one (with the rank count of each step), tiers
+    differing between save and load included (cpu+nvme on both sides, other budgets per rank count)."""
+    import json
+
+    from conftest import make_engine, train_engine
+
+    k, batches = 2, worker.global_batches("frozen")
+    model = worker.make_model("frozen")
+    two = tmp_path / "ckpt2"
+    torchrun(2, WORKER, "save", str(two), str(k), str(tmp_path / "saved2.pt"))
+    manifest = json.loads((two / "manifest.json").read_text())
+    assert manifest["world"] == 2
+    assert sorted(p.name for p in two.iterdir() if p.name.startswith("rng")) == [
+        "rng-rank-00000.safetensors", "rng-rank-00001.safetensors"]
+    one = tmp_path / "ckpt1"
+    with make_engine(copy.deepcopy(model), mix="cpu+nvme", tmp_path=tmp_path / "single") as engine:
+        saved1 = train_engine(engine, [worker.local_slice(b, 0, 1) for b in batches[:k]])
+        engine.save(one)
+    torchrun(3, WORKER, "load", f"{two},{one}", str(k), str(tmp_path / "loaded3.pt"))
+    from_two, from_one = torch.load(tmp_path / "loaded3.pt")
+
+    ref = run_data_parallel_reference(model, batches, [2] * k + [3] * (len(batches) - k))
+    assert_runs_match(_as_run(from_two), Run(ref.losses[k:], ref.stepped[k:], ref.state), model)
+    ref1 = run_data_parallel_reference(model, batches, [1] * k + [3] * (len(batches) - k))
+    assert_losses_close(saved1.losses, ref1.losses[:k])
+    assert_runs_match(_as_run(from_one), Run(ref1.losses[k:], ref1.stepped[k:], ref1.state), model)
+
+    with make_engine(copy.deepcopy(model), mix="cpu+nvme", tmp_path=tmp_path / "single") as engine:
+        engine.load(two)
+        got = train_engine(engine, batches[k:])
+    ref = run_data_parallel_reference(model, batches, [2] * k + [1] * (len(batches) - k))
+    assert_runs_match(got, Run(ref.losses[k:], ref.stepped[k:], ref.state), model)
