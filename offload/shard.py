@@ -50,6 +50,7 @@ from .errors import ConfigError
 TIMEOUT_ENV = "OFFLOAD_DIST_TIMEOUT"
 WIDER = {torch.float32: torch.float64, torch.bfloat16: torch.float32, torch.float16: torch.float32}
 DEFAULT_TIMEOUT_S = 600.0
+_init_timeout_s = None   # the timeout init_from_env() gave the group, for error messages
 
 
 class DistError(RuntimeError):
@@ -150,7 +151,9 @@ def init_from_env(device_type):
     backend = "nccl" if device_type == "cuda" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_from_env()))
+    global _init_timeout_s
+    _init_timeout_s = timeout_from_env()
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=_init_timeout_s))
     return True
 
 
@@ -182,9 +185,10 @@ class Comm:
 
     # ---- failure reporting --------------------------------------------------------------------------------
     def _fail(self, what, e):
-        raise DistError(f"{what} across {self.world} ranks failed on rank {self.rank}: a peer process exited or "
-                        f"did not answer within the process group's timeout ({TIMEOUT_ENV} under offload train); "
-                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        limit = f" of {_init_timeout_s:g} s" if _init_timeout_s else ""
+        detail = str(e).splitlines()[0] if str(e) else ""
+        raise DistError(f"{what} across {self.world} ranks failed on rank {self.rank}: a peer process exited, or "
+                        f"did not answer within the process group's timeout{limit}; {type(e).__name__}: {detail}") from e
 
     def _run(self, what, fn, *args):
         try:

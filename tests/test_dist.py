@@ -178,3 +178,48 @@ def test_checkpoint_saved_on_2_ranks_loads_on_3_and_on_1(tmp_path):
         got = train_engine(engine, batches[k:])
     ref = run_data_parallel_reference(model, batches, [2] * k + [1] * (len(batches) - k))
     assert_runs_match(got, Run(ref.losses[k:], ref.stepped[k:], ref.state), model)
+
+
+# ------------------------------------------------------------------------------------------- a dead peer
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+DEATH_BOUND_S = 150   # start-up of three processes on a loaded machine included; a hang would never end
+
+
+def test_a_rank_dying_mid_step_fails_the_others_with_a_clear_error(tmp_path):
+    """Rank 1 of 3 exits abruptly between forward and backward of step 1 (no torchrun agent, which would
+    kill the survivors itself). The survivors must not hang: their next collective fails, and they exit
+    non-zero naming the collective and the rank count."""
+    port, world = _free_port(), 3
+    procs, logs = [], []
+    for rank in range(world):
+        log = open(tmp_path / f"rank{rank}.log", "w+")
+        env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                   WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), TMPDIR=str(tmp_path))
+        procs.append(subprocess.Popen([sys.executable, WORKER, "die", "1"], env=env, stdout=log,
+                                      stderr=subprocess.STDOUT))
+        logs.append(log)
+    t0 = time.monotonic()
+    try:
+        for p in procs:
+            p.wait(timeout=max(1.0, DEATH_BOUND_S - (time.monotonic() - t0)))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGKILL)
+                p.wait()
+    out = []
+    for log in logs:
+        log.seek(0)
+        out.append(log.read())
+        log.close()
+    assert procs[1].returncode == 17, out[1][-3000:]
+    for rank in (0, 2):
+        assert procs[rank].returncode not in (0, None, -signal.SIGKILL), (rank, procs[rank].returncode, out[rank][-3000:])
+        assert "DistError" in out[rank] and "across 3 ranks failed" in out[rank], out[rank][-3000:]
+        assert "a peer process exited" in out[rank], out[rank][-3000:]
