@@ -36,3 +36,8 @@ class BudgetError(ValueError):
 
 class ConfigError(ValueError):
     """An argument to offload.engine() or the CLI is invalid; the message names it and the fix."""
+
+
+class DistError(RuntimeError):
+    """A collective across the ranks of a torch.distributed group failed: a peer process exited, or did not
+    answer within the process group's timeout (shard.py, Note [dead peer])."""

@@ -45,16 +45,16 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError
+from .errors import ConfigError, DistError
 
 TIMEOUT_ENV = "OFFLOAD_DIST_TIMEOUT"
 WIDER = {torch.float32: torch.float64, torch.bfloat16: torch.float32, torch.float16: torch.float32}
 DEFAULT_TIMEOUT_S = 600.0
+# The fused tensor collectives under their current names (torch 2.13 renamed them *_single; the older names
+# warn there), else under the older ones; Comm falls back to the list forms where neither exists or works.
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
 _init_timeout_s = None   # the timeout init_from_env() gave the group, for error messages
-
-
-class DistError(RuntimeError):
-    """A collective across the ranks failed: a peer process exited, or did not answer within the timeout."""
 
 
 @dataclass(frozen=True)
@@ -200,9 +200,9 @@ class Comm:
 
     # ---- tensor collectives -------------------------------------------------------------------------------
     def _all_gather(self, out, local):
-        if self.fused_gather:
+        if self.fused_gather and _ALL_GATHER is not None:
             try:
-                dist.all_gather_into_tensor(out, local)
+                _ALL_GATHER(out, local)
                 return
             except NotImplementedError:
                 self.fused_gather = False
@@ -210,9 +210,9 @@ class Comm:
         dist.all_gather(list(out.chunk(self.world)), local)
 
     def _reduce_scatter(self, out, full):
-        if self.fused_scatter:
+        if self.fused_scatter and _REDUCE_SCATTER is not None:
             try:
-                dist.reduce_scatter_tensor(out, full)
+                _REDUCE_SCATTER(out, full)
                 return
             except NotImplementedError:
                 self.fused_scatter = False

@@ -44,6 +44,8 @@ CASES = {
     "gpt-clip-accum": ("gpt", "cpu", dict(clip_grad_norm=0.5, grad_accum=2), {}),
     "frozen-cpu+nvme": ("frozen", "cpu+nvme", {}, {}),
     "mlp-poison-one-rank": ("mlp", "cpu", dict(clip_grad_norm=float("inf")), {1: 1}),
+    # the list-form collectives a backend without the fused tensor ones gets (shard.Comm)
+    "gpt-cpu-list-collectives": ("gpt", "cpu", dict(list_collectives=True), {}),
 }
 
 
@@ -83,8 +85,10 @@ def train(engine, batches, poison_at=None, stop_in=None):
 
 def engine_for(case, tmp):
     model_name, mix, kw, _ = CASES[case]
-    engine = make_engine(make_model(model_name), mix=mix, tmp_path=tmp, shards=dist.get_world_size(),
-                         **kw)
+    kw = dict(kw)
+    fused = not kw.pop("list_collectives", False)
+    engine = make_engine(make_model(model_name), mix=mix, tmp_path=tmp, shards=dist.get_world_size(), **kw)
+    engine.comm.fused_gather = engine.comm.fused_scatter = fused
     assert_mix(engine, mix)
     return engine
 

@@ -95,6 +95,7 @@ def _as_run(d):
 def whole_batch_losses(case):
     """Losses of the plain big-batch run (the same for every rank count)."""
     model_name, _, kw, poison = worker.CASES[case]
+    kw = {k: v for k, v in kw.items() if k != "list_collectives"}
     return run_reference(worker.make_model(model_name), worker.global_batches(model_name),
                          grad_accum=kw.get("grad_accum", 1), clip=kw.get("clip_grad_norm"),
                          skip=tuple(poison.values())).losses
@@ -103,6 +104,7 @@ def whole_batch_losses(case):
 def check_case(case, got, world):
     model_name, _, kw, poison = worker.CASES[case]
     model = worker.make_model(model_name)
+    kw = {k: v for k, v in kw.items() if k != "list_collectives"}
     ref = run_data_parallel_reference(model, worker.global_batches(model_name), world,
                                       grad_accum=kw.get("grad_accum", 1), clip=kw.get("clip_grad_norm"),
                                       skip=tuple(poison.values()))
@@ -223,3 +225,38 @@ def test_a_rank_dying_mid_step_fails_the_others_with_a_clear_error(tmp_path):
         assert procs[rank].returncode not in (0, None, -signal.SIGKILL), (rank, procs[rank].returncode, out[rank][-3000:])
         assert "DistError" in out[rank] and "across 3 ranks failed" in out[rank], out[rank][-3000:]
         assert "a peer process exited" in out[rank], out[rank][-3000:]
+
+
+# ------------------------------------------------------------------------------------------- offload train
+
+def test_offload_train_under_torchrun(tmp_path):
+    """`torchrun --nproc-per-node 2 -m offload train`: rank 0 alone prints and writes the model; the checkpoint
+    is sharded; each rank trains on its own half of every batch, so the run equals one process whose batch
+    is both halves (losses and weights within the rounding of the data-parallel sum)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    data = REPO / "offload" / "data" / "tiny.txt"
+    common = ["--model", "tiny", "--data", str(data), "--device", "cpu", "--steps", "2", "--seq", "32",
+              "--no-progress"]
+    two = tmp_path / "two"
+    proc = torchrun(2, "-m", "offload", "train", *common, "--batch", "2", "--save", str(two), cwd=tmp_path)
+    assert proc.stdout.count("offload plan on cpu") == 1, proc.stdout
+    assert "sharded over 2 ranks" in proc.stdout
+    assert proc.stdout.count("where bytes and time went") == 1, proc.stdout
+    assert json.loads((two / "checkpoint" / "manifest.json").read_text())["world"] == 2
+    summary2 = json.loads((two / "summary.json").read_text())
+    assert summary2["ranks"] == 2 and summary2["steps"] == 2
+
+    one = tmp_path / "one"
+    r = subprocess.run([sys.executable, "-m", "offload", "train", *common, "--batch", "4", "--save", str(one)],
+                       env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary1 = json.loads((one / "summary.json").read_text())
+    for key in ("first_loss", "last_loss"):
+        assert abs(summary2[key] - summary1[key]) <= 1e-4 * abs(summary1[key]), (key, summary2, summary1)
+    w2, w1 = load_file(two / "final" / "model.safetensors"), load_file(one / "final" / "model.safetensors")
+    assert set(w2) == set(w1)
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
