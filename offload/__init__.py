@@ -1,12 +1,12 @@
 """offload: fine-tune models far larger than GPU memory by streaming them across GPU, pinned CPU memory and NVMe."""
-from .errors import ArenaExhaustedError, BudgetError, ConfigError, DeviceMemoryError, StoreIOError
+from .errors import ArenaExhaustedError, BudgetError, ConfigError, DeviceMemoryError, DistError, StoreIOError
 from .optim import AdamW
 from .plan import Plan
 from .engine import Engine, engine
 
 __version__ = "0.1.0"
 __all__ = ["engine", "Engine", "AdamW", "Plan", "native_info", "BudgetError", "ConfigError", "StoreIOError",
-           "ArenaExhaustedError", "DeviceMemoryError"]
+           "ArenaExhaustedError", "DeviceMemoryError", "DistError"]
 
 
 def native_info(paths=()):

@@ -103,21 +103,36 @@ def _write_unit_shard(engine, u, path):
 
 
 def save(engine, directory):
+    if engine.comm is not None:     # several ranks: shard_checkpoint.py, same protocol
+        from .shard_checkpoint import save_sharded
+        return save_sharded(engine, directory)
     directory = os.path.abspath(os.fspath(directory))
+    engine.sync()
+    tmp = make_tmp(directory)
+    try:
+        _write_tmp(engine, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)     # a failed save (ENOSPC, ...) leaves nothing behind
+        raise
+    commit(tmp, directory)
+
+
+def make_tmp(directory):
+    """The private temporary directory a save of `directory` writes into."""
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
-    engine.sync()
     _remove_stale(directory, "tmp")     # before writing: a killed save's shards may be what fills the disk
     tmp = f"{directory}.tmp-{os.getpid()}"
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
     os.makedirs(tmp, mode=0o700)
     os.chmod(tmp, 0o700)                # makedirs' mode passes through the umask; the result must be exactly 0700
-    try:
-        _write_tmp(engine, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)     # a failed save (ENOSPC, ...) leaves nothing behind
-        raise
+    return tmp
+
+
+def commit(tmp, directory):
+    """Moves a complete tmp directory into place (Note: crash consistency)."""
+    parent = os.path.dirname(directory)
     old = None
     if os.path.exists(directory):
         old = f"{directory}.old-{os.getpid()}"
@@ -151,14 +166,23 @@ def _write_tmp(engine, tmp):
         rng["cuda"] = torch.cuda.get_rng_state(engine.device)
     rpath = os.path.join(tmp, "rng.safetensors")
     _write_private(rng, rpath)
-    manifest = {
+    manifest = dict(manifest_header(engine), shards=shards,
+                    rng={"file": "rng.safetensors", "sha256": _sha256(rpath)})
+    write_manifest(tmp, manifest)
+
+
+def manifest_header(engine):
+    """The manifest entries every checkpoint has besides its data files."""
+    return {
         "format": FORMAT, "version": VERSION, "micro": engine.micro, "steps_applied": engine.steps_applied,
         "steps_skipped": engine.steps_skipped, "grad_accum": engine.grad_accum,
-        "dtype": str(engine.dtype).replace("torch.", ""),
-        "optimizer": engine.optimizer.state_dict(), "shards": shards,
-        "rng": {"file": "rng.safetensors", "sha256": _sha256(rpath)},
+        "dtype": str(engine.dtype).replace("torch.", ""), "optimizer": engine.optimizer.state_dict(),
         "placement": {u.name: [u.plan.params_home, u.plan.states_home] for u in engine.units},
     }
+
+
+def write_manifest(tmp, manifest):
+    """manifest.json, last, durable with its directory."""
     mpath = os.path.join(tmp, "manifest.json")
     with os.fdopen(os.open(mpath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
         json.dump(manifest, f, indent=1)
@@ -219,7 +243,8 @@ def _read_manifest(directory):
         raise CheckpointError(f"{path}: unreadable manifest: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise CheckpointError(f"{directory}: not an offload checkpoint of version {VERSION}")
-    missing = [k for k in ("shards", "rng", "optimizer", "micro", "steps_applied", "steps_skipped")
+    files = "units" if "world" in manifest else "shards"     # several ranks' layout: shard_checkpoint.py
+    missing = [k for k in (files, "rng", "optimizer", "micro", "steps_applied", "steps_skipped")
                if k not in manifest]
     if missing:
         raise CheckpointError(f"{path}: manifest lacks {missing}")
@@ -237,6 +262,9 @@ def _open_shard(path):
 def load(engine, directory):
     directory = _resolve(directory)
     manifest = _read_manifest(directory)
+    if engine.comm is not None or "world" in manifest:   # re-sliced for this engine's ranks
+        from .shard_checkpoint import load_resliced
+        return load_resliced(engine, directory, manifest)
     # Every member is verified before the engine's state is touched: a rejected checkpoint changes nothing.
     index = {}
     try:
@@ -283,6 +311,10 @@ def load(engine, directory):
         torch.set_rng_state(h.get_tensor("cpu"))
         if engine.device.type == "cuda" and "cuda" in h.keys():
             torch.cuda.set_rng_state(h.get_tensor("cuda"), engine.device)
+    restore_counters(engine, manifest)
+
+
+def restore_counters(engine, manifest):
     engine.optimizer.load_state_dict(manifest["optimizer"])
     engine.micro = manifest["micro"]
     engine.steps_applied = manifest["steps_applied"]
@@ -292,8 +324,23 @@ def load(engine, directory):
 
 
 def save_pretrained(engine, directory, **kwargs):
-    """Trained weights as Hugging Face safetensors (through the model's own save_pretrained when it has one)."""
+    """Trained weights as Hugging Face safetensors (through the model's own save_pretrained when it has one).
+    With several ranks every rank calls it (the weights are gathered) and rank 0 writes."""
     state = engine.state_dict()
+    comm = engine.comm
+    if comm is None:
+        _write_pretrained(engine, state, directory, **kwargs)
+        return
+    error = None
+    if comm.rank == 0:
+        try:
+            _write_pretrained(engine, state, directory, **kwargs)
+        except Exception as e:
+            error = e
+    comm.check_all(error, "save_pretrained")
+
+
+def _write_pretrained(engine, state, directory, **kwargs):
     directory = os.fspath(directory)
     if hasattr(engine.module, "save_pretrained"):
         engine.module.save_pretrained(directory, state_dict=state, safe_serialization=True, **kwargs)

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from .errors import BudgetError, ConfigError
+from .errors import BudgetError, ConfigError, DistError
 from .sizes import fmt_bytes, parse_size
 
 
@@ -22,7 +22,7 @@ def _train_parser(sub):
     p.add_argument("--save", required=True, help="output directory: checkpoint/, final/ (save_pretrained), train.log")
     p.add_argument("--resume", action="store_true", help="continue from SAVE/checkpoint")
     p.add_argument("--seq", type=int, default=64, help="tokens per sequence (default 64)")
-    p.add_argument("--batch", type=int, default=4, help="sequences per micro-batch (default 4)")
+    p.add_argument("--batch", type=int, default=4, help="sequences per micro-batch and rank (default 4)")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -66,14 +66,19 @@ def cmd_train(args):
 
     import offload
     from .data import pack, read_documents
+    from .shard import init_from_env
 
+    # Under torchrun: one process per rank, each on its own slice of every batch; rank 0 reports and logs.
+    init_from_env(args.device.split(":")[0] if args.device else ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world = _rank_and_world()
     os.makedirs(args.save, exist_ok=True)
     log_path = os.path.join(args.save, "train.log")
-    logging.basicConfig(filename=log_path, level=logging.INFO, format="%(asctime)s %(message)s")
+    if rank == 0:
+        logging.basicConfig(filename=log_path, level=logging.INFO, format="%(asctime)s %(message)s")
     log = logging.getLogger("offload.train")
     torch.manual_seed(args.seed)
     docs, bad = read_documents(args.data)
-    if bad:
+    if bad and rank == 0:
         shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
         print(f"offload: skipped {len(bad)} bad lines in {args.data} (lines {shown})", file=sys.stderr)
         log.info("skipped %d bad lines: %s", len(bad), bad)
@@ -83,35 +88,40 @@ def cmd_train(args):
     if int(rows.max()) >= vocab:
         raise ConfigError(f"the tokenizer produces id {int(rows.max())} but the model's vocabulary has {vocab} "
                           f"entries: tokenizer and model do not match")
-    micro_per_epoch = max(1, rows.shape[0] // args.batch)
+    micro_per_epoch = rows.shape[0] // (args.batch * world)
+    if micro_per_epoch == 0:
+        raise ConfigError(f"--data holds {rows.shape[0]} sequences of {args.seq} tokens, fewer than one batch of "
+                          f"{args.batch} for each of {world} ranks; lower --batch or --seq")
     steps = args.steps or max(1, int(math.ceil((args.epochs or 1.0) * micro_per_epoch / args.grad_accum)))
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
     eng = offload.engine(model, optimizer=offload.AdamW(lr=args.lr, weight_decay=args.weight_decay),
                          device=args.device, gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory,
                          nvme=args.nvme, grad_accum=args.grad_accum, clip_grad_norm=args.clip,
-                         activations=args.activations, trace=args.trace)
+                         activations=args.activations, trace=_rank_path(args.trace, rank))
+    say = print if rank == 0 else (lambda *a, **k: None)
     with eng:
-        print(eng.plan)
+        say(eng.plan)
         log.info("plan:\n%s", eng.plan)
         ckpt = os.path.join(args.save, "checkpoint")
         start = 0
         if args.resume:
             eng.load(ckpt)
             start = eng.steps_applied + eng.steps_skipped
-            print(f"offload: resumed from {ckpt} at step {start}")
+            say(f"offload: resumed from {ckpt} at step {start}")
         gen = torch.Generator().manual_seed(args.seed)
         order = torch.randperm(rows.shape[0], generator=gen)
-        tokens_per_step = args.batch * args.seq * args.grad_accum
+        tokens_per_step = args.batch * args.seq * args.grad_accum * world
         t_fwd = t_bwd = t_step = 0.0
         t0 = time.perf_counter()
         losses = []
-        bar = tqdm(total=steps, initial=start, disable=args.no_progress, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=steps, initial=start, disable=args.no_progress or rank != 0, unit="step", dynamic_ncols=True)
         for step in range(start, steps):
             loss_sum = 0.0
             for k in range(args.grad_accum):
                 i = (step * args.grad_accum + k) % micro_per_epoch
-                batch = rows[order[i * args.batch:(i + 1) * args.batch]]
+                first = (i * world + rank) * args.batch     # this rank's slice of the global batch
+                batch = rows[order[first:first + args.batch]]
                 a = time.perf_counter()
                 # HF causal LMs shift labels inside: labels are the inputs themselves.
                 out = eng(input_ids=batch[:, :-1], labels=batch[:, :-1])
@@ -124,6 +134,8 @@ def cmd_train(args):
             a = time.perf_counter()
             eng.step()
             t_step += time.perf_counter() - a
+            if eng.comm is not None:   # the global batch's loss, as one process would report it
+                loss_sum = eng.comm.all_sum([loss_sum], "the step's loss")[0] / world
             losses.append(loss_sum)
             elapsed = time.perf_counter() - t0
             tps = (step - start + 1) * tokens_per_step / elapsed
@@ -139,6 +151,8 @@ def cmd_train(args):
         eng.save(ckpt)
         final = os.path.join(args.save, "final")
         eng.save_pretrained(final)
+        if rank != 0:
+            return 0
         wall = time.perf_counter() - t0
         ran = steps - start
         summary = {
@@ -147,7 +161,7 @@ def cmd_train(args):
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
             "time_s": {"forward": round(t_fwd, 3), "backward": round(t_bwd, 3), "step": round(t_step, 3)},
             "model_state_bytes": dict(eng.plan.bytes), "moved_bytes": dict(eng.tiers.moved),
-            "steps_skipped": eng.steps_skipped,
+            "steps_skipped": eng.steps_skipped, "ranks": world,
         }
         print("\nwhere bytes and time went:")
         print("  model state: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in eng.plan.bytes.items()))
@@ -160,6 +174,21 @@ def cmd_train(args):
         with open(os.path.join(args.save, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
     return 0
+
+
+def _rank_and_world():
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _rank_path(path, rank):
+    """Rank 0 writes PATH, rank r PATH with .rank<r> before its extension (each process traces its own run)."""
+    if path is None or rank == 0:
+        return path
+    root, ext = os.path.splitext(path)
+    return f"{root}.rank{rank}{ext}"
 
 
 def _timeline_parser(sub):
@@ -301,6 +330,9 @@ def main(argv=None):
     except (ConfigError, BudgetError) as e:
         print(f"offload: error: {e}", file=sys.stderr)
         return 2
+    except DistError as e:
+        print(f"offload: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("offload: interrupted", file=sys.stderr)
         return 130

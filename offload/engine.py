@@ -20,6 +20,7 @@ from .device_update import DeviceUpdater, chunk_elems, staging_bytes
 from .machine import machine_rates
 from .plan import assign_update_sites, plan_placement
 from .profiler import Profiler
+from .shard import current_comm
 from .sizes import fmt_bytes, parse_size
 from .stream import Streamer
 from .tiers import KIND_D2H, KIND_OPTIM, Tiers
@@ -79,10 +80,10 @@ def _prove_writable(path):
                           f"create files in") from None
 
 
-def _default_budgets(device, gpu_memory, cpu_memory):
+def _default_budgets(device, gpu_memory, cpu_memory, local_ranks=1):
     import psutil
-    if cpu_memory is None:
-        cpu_memory = int(psutil.virtual_memory().available * 0.8)
+    if cpu_memory is None:   # ranks on one host share its memory
+        cpu_memory = int(psutil.virtual_memory().available * 0.8) // local_ranks
     if gpu_memory is None and device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         gpu_memory = int(free * 0.9)
@@ -123,8 +124,12 @@ class Engine:
         if metas:
             raise ConfigError(f"parameters on the meta device ({', '.join(metas[:3])}{'...' if len(metas) > 3 else ''}): "
                               f"materialise the model first or load it with offload's Hugging Face loader")
+        # With a torch.distributed group of several ranks every unit is sharded over them (shard.py).
+        self.comm = current_comm(self.device)
+        shards = self.comm.world if self.comm else 1
         gpu_b, cpu_b = _default_budgets(self.device, parse_size(gpu_memory, "gpu_memory"),
-                                        parse_size(cpu_memory, "cpu_memory"))
+                                        parse_size(cpu_memory, "cpu_memory"),
+                                        self.comm.local_world if self.comm else 1)
         nvme_paths = _check_nvme(nvme)
 
         self.module = model
@@ -137,18 +142,18 @@ class Engine:
         self.grad_accum = grad_accum
         self.clip_grad_norm = clip_grad_norm
         self.mode = "deferred" if clip_grad_norm is not None else "eager"   # Note [update modes] in optim.py
-        self.units = split_units(model)
+        self.units = split_units(model, shards=shards)
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         # Until the planner knows batch and sequence, a share of the device budget is kept for activations.
         act_reserve = int(gpu_b * ACTIVATION_SHARE) if (self.device.type == "cuda" and gpu_b) else 0
         self.act_reserve = act_reserve
-        self.plan = self._place(gpu_b, cpu_b, nvme_paths, activations, act_reserve, itemsize)
+        self.plan = self._place(gpu_b, cpu_b, nvme_paths, activations, act_reserve, itemsize, shards)
         self.plan.budgets["nvme"] = None
         if nvme_paths and self.plan.bytes["nvme"]:
             self._check_disk_space(nvme_paths)
         self.profiler = Profiler(trace, device=self.device, plan=self.plan) if trace else None
         self.tiers = Tiers(self.units, self.plan, device=self.device, dtype=self.dtype, nvme=nvme_paths,
-                           trace=self.profiler)
+                           trace=self.profiler, comm=self.comm)
         if self.profiler:
             for u in self.units:
                 self.profiler.name_unit(u.index, u.name, u.plan.params_home, u.plan.states_home)
@@ -163,12 +168,12 @@ class Engine:
             self.close()
             raise
 
-    def _place(self, gpu_b, cpu_b, nvme_paths, activations, act_reserve, itemsize):
+    def _place(self, gpu_b, cpu_b, nvme_paths, activations, act_reserve, itemsize, shards):
         """plan_placement, with room for device-side AdamW's staging buffers kept beside the activations
         (so states placed on the device cannot crowd it out) where it applies and the budget allows, and
         then the share of AdamW each side runs (Note [device-side AdamW] in plan.py)."""
         kw = dict(itemsize=itemsize, device=str(self.device), gpu_budget=gpu_b, cpu_budget=cpu_b,
-                  nvme=nvme_paths, grad_accum=self.grad_accum, activations=activations)
+                  nvme=nvme_paths, grad_accum=self.grad_accum, activations=activations, shards=shards)
         staging = self._update_staging_bytes()
         if staging is not None:
             try:
@@ -184,14 +189,14 @@ class Engine:
         """Device bytes for device-side AdamW, or None where it does not apply: it needs each unit's update to
         run as soon as that unit's gradients are complete, so no clipping (which needs every gradient first)
         and no accumulation window; and a GPU, unless a test forces a share on the CPU."""
-        if self.mode != "eager" or self.grad_accum != 1:
-            return None
+        if self.mode != "eager" or self.grad_accum != 1 or self.comm is not None:
+            return None     # (with several ranks each rank's slice goes through the reduce-scatter path)
         if self.device.type != "cuda":
             return 0 if plan_mod.DEVICE_UPDATE_SHARE is not None else None
         return staging_bytes(chunk_elems(max((u.numel_train for u in self.units), default=1)))
 
     def _check_disk_space(self, paths):
-        need = self.plan.bytes["nvme"]
+        need = self.plan.bytes["nvme"] * (self.comm.local_world if self.comm else 1)   # ranks share the disks
         free = min(os.statvfs(p).f_bavail * os.statvfs(p).f_frsize for p in paths) * len(paths)
         if free < need * 1.02:
             raise BudgetError(f"nvme {', '.join(paths)}: {fmt_bytes(free)} free, the plan puts "
@@ -204,6 +209,8 @@ class Engine:
             with torch.no_grad():
                 for s in u.slots:
                     values[s.offset:s.offset + s.numel].copy_(s.param.detach().reshape(-1))
+            if self.comm is not None:   # rank 0's weights, whatever each rank was initialised with
+                self.comm.broadcast_(values, f"the initial weights of unit '{u.name}'")
             self.tiers.load_initial(u, values)
             self.tiers.bind_params(u)
         for mod in self.module.modules():   # buffers (rotary tables, position ids) live on the compute device
@@ -285,25 +292,30 @@ class Engine:
             st.grad_free.wait()        # the optimizer has consumed the previous gradients of this unit
             st.grad_free.clear()
             if tiers.cuda:
-                target = torch.zeros(u.numel_train, dtype=self.dtype, device=self.device)
+                target = torch.zeros(u.shard.train, dtype=self.dtype, device=self.device)
             else:
                 target = st.grad
                 target.zero_()
         elif first:
             target.zero_()
+        # Several ranks: the full gradient is flattened, then reduce-scattered into this rank's slice (target).
         # On the CPU flattening into the host buffer is the copy; on CUDA the copy is timed on its stream.
         host_copy = prof is not None and not tiers.cuda and u.plan.states_home != "gpu" and u.plan.update_on == "host"
         t_copy = prof.begin_work(KIND_D2H, u.index) if host_copy else None
+        full = target if self.comm is None else torch.zeros(u.numel_train, dtype=self.dtype, device=self.device)
         for i, s in enumerate(trainable):
             g = s.param.grad
             if g is not None:
                 st.has_grad[i] = True
-                views.append(target[s.offset:s.offset + s.numel].view(s.shape))
+                views.append(full[s.offset:s.offset + s.numel].view(s.shape))
                 grads.append(g)
                 s.param.grad = None
         with torch.no_grad():
             if grads:
-                if u.plan.states_home == "gpu":
+                if self.comm is not None:
+                    torch._foreach_copy_(views, grads)
+                    self.comm.reduce_grads(u, full, target, accumulate=u.plan.states_home == "gpu")
+                elif u.plan.states_home == "gpu":
                     torch._foreach_add_(views, grads)
                 else:
                     torch._foreach_copy_(views, grads)
@@ -313,7 +325,7 @@ class Engine:
         if u.plan.update_on == "device":
             self._update_on_device(u, target)
             return
-        nbytes = u.numel_train * tiers.itemsize
+        nbytes = u.shard.train * tiers.itemsize
         tiers.moved["d2h"] += nbytes
         if t_copy is not None:
             prof.end_work(t_copy, KIND_D2H, u.index, nbytes)
@@ -398,7 +410,7 @@ class Engine:
         t0 = self.profiler.begin(KIND_OPTIM, u.index) if self.profiler else 0
         self.unit_opt.update_host(u, g, hyper, scale)
         if self.profiler:
-            self.profiler.record(KIND_OPTIM, u.index, u.numel_train * 16, t0)
+            self.profiler.record(KIND_OPTIM, u.index, u.shard.train * 16, t0)
         self._finish_unit(u)
 
     def _update_device(self, u, hyper, scale):
@@ -434,6 +446,8 @@ class Engine:
         self.optimizer.step()      # a marker for LR schedulers
         found_inf = bool(self._found_inf.item())
         self._found_inf.zero_()
+        if self.comm is not None:   # Note [global skip] in shard.py
+            found_inf = self.comm.all_sum([float(found_inf)], "the non-finite gradient flag")[0] > 0
         hyper = self.optimizer.hyper()
         w = self.window
         host = [u for u in self.units if u.trainable and u.plan.states_home != "gpu" and u.st.acc_window == w]
@@ -448,6 +462,8 @@ class Engine:
             self.worker.sync()
             total = sum(u.st.sumsq for u in host)
             total += sum(float(u.st.dgrad.double().pow(2).sum()) for u in dev)
+            if self.comm is not None:
+                total = self.comm.all_sum([total], "the squared gradient norm")[0]
             if found_inf or not finite(total):
                 first_bad = next((u.name for u in host if not finite(u.st.sumsq)), dev[0].name if dev else "?")
                 self.steps_skipped += 1
@@ -502,11 +518,14 @@ class Engine:
             torch.cuda.synchronize(self.device)
 
     def state_dict(self):
-        """Full-precision weights (fp32 masters; frozen params upcast) as CPU tensors under the model's keys."""
+        """Full-precision weights (fp32 masters; frozen params upcast) as CPU tensors under the model's keys.
+        With several ranks every rank must call it (the shards are gathered) and every rank gets the whole."""
         self.sync()
         values = {}
         for u in self.units:
             compute, master, _, _ = self.tiers.read_unit(u)
+            if self.comm is not None:   # a collective: every rank calls state_dict()
+                compute, master = self.comm.gather_unit(u, compute, master)
             for s in u.slots:
                 src = master if s.trainable else compute
                 values[s.param] = src[s.offset:s.offset + s.numel].float().view(s.shape).clone()

@@ -45,3 +45,8 @@ class DeviceMemoryError(torch.OutOfMemoryError):
     activations of a batch, or other processes, took the rest). A torch.OutOfMemoryError, so existing
     handlers still catch it; the message gives the budget, the plan's figures and the device's, and what to
     change. The step it interrupted is lost: close() (or load a checkpoint into a new engine)."""
+
+
+class DistError(RuntimeError):
+    """A collective across the ranks of a torch.distributed group failed: a peer process exited, or did not
+    answer within the process group's timeout (shard.py, Note [dead peer])."""

@@ -8,7 +8,10 @@ that hold them are merged, so a shared parameter has one home and autograd sums 
 
 Each unit owns one flat buffer per tier, laid out here: trainable parameters first (their fp32 master and
 AdamW moments cover exactly that prefix), frozen ones after; every parameter starts on a 64-element
-boundary, and the total is padded to PAD_ELEMS so that every tier's I/O is a multiple of 4 KiB.
+boundary. The trainable prefix and the frozen rest are each padded to PAD_ELEMS times the number of shards
+(ranks), so that every tier's I/O is a multiple of 4 KiB and each region splits into equal, aligned rank
+slices (Note [shard layout] in shard.py). Frozen parameters start after the padded prefix: inside it, the
+optimizer (which updates the prefix as one segment) would decay them.
 """
 import enum
 from dataclasses import dataclass, field
@@ -101,9 +104,12 @@ class _UnionFind:
             self.parent[max(a, b)] = min(a, b)
 
 
-def split_units(model, rest_unit_elems=None):
+def split_units(model, rest_unit_elems=None, shards=1):
     """Returns the model's units in module order. rest_unit_elems caps the size of a gathered rest unit
-    (default: the largest block, or an eighth of the model when there are no blocks)."""
+    (default: the largest block, or an eighth of the model when there are no blocks); shards: the number of
+    ranks each unit's buffer is split over."""
+    if not isinstance(shards, int) or shards < 1:
+        raise ValueError(f"split_units: shards={shards!r} must be an integer >= 1")
     names = {}
     for name, p in model.named_parameters(remove_duplicate=True):
         names[p] = name
@@ -170,18 +176,22 @@ def split_units(model, rest_unit_elems=None):
     units = []
     for idx, (kind, sites, params, name, _) in enumerate(gathered):
         unit = Unit(index=idx, name=name, kind=kind, sites=sites, slots=[])
-        _layout(unit, params, names)
+        _layout(unit, params, names, PAD_ELEMS * shards)
         units.append(unit)
     return units
 
 
-def _layout(unit, params, names):
+def _pad(n, multiple):
+    return -(-n // multiple) * multiple
+
+
+def _layout(unit, params, names, pad):
     off = 0
-    ordered = [p for p in params if p.requires_grad] + [p for p in params if not p.requires_grad]
-    for p in ordered:
-        unit.slots.append(ParamSlot(names[p], p, off, p.numel(), p.shape, p.requires_grad))
-        off += -(-p.numel() // PARAM_ALIGN) * PARAM_ALIGN
-        if p.requires_grad:
-            unit.numel_train = off
-    unit.numel_train = -(-unit.numel_train // PAD_ELEMS) * PAD_ELEMS
-    unit.numel = max(unit.numel_train, -(-off // PAD_ELEMS) * PAD_ELEMS)
+    for trainable in (True, False):
+        if not trainable:
+            unit.numel_train = off = _pad(off, pad)
+        for p in params:
+            if p.requires_grad == trainable:
+                unit.slots.append(ParamSlot(names[p], p, off, p.numel(), p.shape, trainable))
+                off += _pad(p.numel(), PARAM_ALIGN)
+    unit.numel = _pad(off, pad)

@@ -171,16 +171,22 @@ class UnitOptimizer:
         return self.last_order[i + 1] if i + 1 < len(self.last_order) else None
 
     def _segments(self, u):
-        """[(offset, numel, step)] to update: one segment for the whole prefix when every trainable param
-        got a gradient and all step counts agree (the common case), else one per updated param."""
+        """[(offset, numel, step)] to update, in this rank's slice (u.shard): one segment for the whole slice
+        when every trainable param got a gradient and all step counts agree (the common case), else one per
+        updated param that meets the slice."""
         st = u.st
         trainable = [s for s in u.slots if s.trainable]
         for i, h in enumerate(st.has_grad):
             if h:
                 st.steps[i] += 1
         if all(st.has_grad) and len(set(st.steps)) == 1:
-            return [(0, u.numel_train, st.steps[0])]
-        return [(s.offset, s.numel, st.steps[i]) for i, s in enumerate(trainable) if st.has_grad[i]]
+            return [(0, u.shard.train, st.steps[0])]
+        segments = []
+        for i, s in enumerate(trainable):
+            part = u.shard.part(s.offset, s.numel, True) if st.has_grad[i] else None
+            if part is not None:
+                segments.append((part[2], part[1], st.steps[i]))
+        return segments
 
     def update_host(self, u, grad, hyper, scale):
         """CPU AdamW for a unit whose states are in the arena or on NVMe (runs on the worker thread)."""
@@ -197,7 +203,7 @@ class UnitOptimizer:
             out = st.out
         else:
             out_slot = t.param_slots.acquire()   # keep the whole slot: it goes back to the ring as it came
-            out = out_slot[:u.numel * t.itemsize].view(t.dtype)
+            out = out_slot[:u.shard.local * t.itemsize].view(t.dtype)
         for off, n, step in self._segments(u):
             sl = slice(off, off + n)
             unit_adamw_(master[sl], grad[sl], m[sl], v[sl], lr=lr, betas=betas, eps=eps, weight_decay=wd,
@@ -212,9 +218,9 @@ class UnitOptimizer:
             if t.cuda:
                 with torch.cuda.stream(t.h2d):
                     t.h2d.wait_event(st.compute_done)
-                    nbytes = u.numel_train * t.itemsize
+                    nbytes = u.shard.train * t.itemsize
                     span = t.prof.begin_work(KIND_H2D, u.index, t.h2d) if t.prof else None
-                    st.flat[:u.numel_train].copy_(out, non_blocking=True)
+                    u.shard.put_train(st.flat, out, non_blocking=True)
                     if span is not None:
                         t.prof.end_work(span, KIND_H2D, u.index, nbytes, t.h2d)
                     t.moved["h2d"] += nbytes
@@ -222,10 +228,11 @@ class UnitOptimizer:
                     ev.record(t.h2d)
                     st.update_event = ev
             else:
-                st.flat[:u.numel_train].copy_(out)
+                u.shard.put_train(st.flat, out)
+            st.stale = t.comm is not None   # the next use gathers the other ranks' slices
         elif p.params_home == "nvme":
-            ticket = t.store.submit_write(st.home_obj, 0, as_buffer(out_slot[:u.numel_train * t.itemsize]))
-            t.moved["disk_write"] += u.numel_train * t.itemsize
+            ticket = t.store.submit_write(st.home_obj, 0, as_buffer(out_slot[:u.shard.train * t.itemsize]))
+            t.moved["disk_write"] += u.shard.train * t.itemsize
             t.store.wait(ticket)   # the next forward reads this object: the write must be complete first
             t.param_slots.release(out_slot)
 
@@ -245,7 +252,8 @@ class UnitOptimizer:
                 torch._fused_adamw_([st.master[sl]], [g[sl]], [st.exp_avg[sl]], [st.exp_avg_sq[sl]], [],
                                     [torch.tensor(float(step), device=g.device)], lr=lr, beta1=betas[0],
                                     beta2=betas[1], weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
-        st.flat[:u.numel_train].copy_(st.master)
+        u.shard.put_train(st.flat, st.master)
+        st.stale = self.tiers.comm is not None
 
 
 def finite(x):

@@ -11,6 +11,9 @@ Byte accounting (all of it is what tiers.py allocates, so the arena budget is ex
 - CPU arena: a gradient buffer per unit whose optimizer runs on the CPU (compute dtype; plus an fp32
   accumulator when grad_accum > 1), an output buffer for device-resident params updated on the CPU,
   params homes, states, and NVMe staging slots when anything lives on disk.
+With `shards` ranks (shard.py) each rank plans its own budgets: what a rank holds of a unit off the compute
+device (params home, master/m/v, host gradients, staging) and its device states are 1/shards of the unit; the
+compute-side flat buffers (resident params, the streaming working set) are whole on every rank.
 """
 from dataclasses import dataclass, field
 
@@ -36,6 +39,7 @@ class UnitPlan:
     activations: str = "keep"
     update_on: str = "host"   # where AdamW runs for arena states: "host" (CPU) or "device" (streamed through it)
     activations_chosen: object = None   # what "auto" picked for the unit after the first step
+    shards: int = 1    # ranks the unit is split over: this rank holds numel // shards of it off the device
 
 
 @dataclass
@@ -71,7 +75,9 @@ class Plan:
         return self.buffers["cpu_arena"]
 
     def __str__(self):
-        lines = [f"offload plan on {self.device}: {len(self.units)} units",
+        ranks = self.units[0].shards if self.units else 1
+        lines = [f"offload plan on {self.device}: {len(self.units)} units"
+                 + (f", sharded over {ranks} ranks (model state and budgets per rank)" if ranks > 1 else ""),
                  f"{'tier':<6}{'model state':>14}{'budget':>14}"]
         for tier in ("gpu", "cpu", "nvme"):
             b = self.budgets.get(tier)
@@ -108,7 +114,7 @@ def stream_working_set(units, itemsize, depth=STREAM_DEPTH):
     return (depth + 2) * max_unit + 2 * max_grad
 
 
-def _place_device(units, itemsize, gpu_budget, act_reserve):
+def _place_device(units, itemsize, gpu_budget, act_reserve, shards=1):
     """Params, then optimizer states, on the compute device while they fit."""
     n = len(units)
     gpu_cap = float("inf") if gpu_budget is None else gpu_budget - act_reserve
@@ -139,31 +145,33 @@ def _place_device(units, itemsize, gpu_budget, act_reserve):
                 params_home[i] = "gpu"
                 gpu_used += param_b[i]
     for i, u in enumerate(units):
-        need = u.numel_train * (STATE_BYTES + DEVICE_GRAD_BYTES)
+        need = u.numel_train // shards * (STATE_BYTES + DEVICE_GRAD_BYTES)
         if u.numel_train and params_home[i] == "gpu" and gpu_used + need <= gpu_cap:
             states_home[i] = "gpu"
             gpu_used += need
     return params_home, states_home, stream_ws, depth
 
 
-def _grad_bytes(u, params_home, states_home, itemsize, grad_accum):
+def _grad_bytes(u, params_home, states_home, itemsize, grad_accum, shards=1):
     """Host gradient buffers of one unit whose optimizer runs on the CPU."""
     if states_home in ("gpu", "-"):
         return 0
-    b = _a(u.numel_train * itemsize)
+    train = u.numel_train // shards
+    b = _a(train * itemsize)
     if grad_accum > 1:
-        b += _a(u.numel_train * 4)
+        b += _a(train * 4)
     if params_home == "gpu":
-        b += _a(u.numel_train * itemsize)  # CPU AdamW output, copied to the device
+        b += _a(train * itemsize)  # CPU AdamW output, copied to the device
     return b
 
 
-def _host_needs(units, params_home, states_home, itemsize, grad_accum):
-    grads = sum(_grad_bytes(u, params_home[i], states_home[i], itemsize, grad_accum) for i, u in enumerate(units))
+def _host_needs(units, params_home, states_home, itemsize, grad_accum, shards=1):
+    grads = sum(_grad_bytes(u, params_home[i], states_home[i], itemsize, grad_accum, shards)
+                for i, u in enumerate(units))
     host_params = [i for i in range(len(units)) if params_home[i] != "gpu"]
     host_states = [i for i in range(len(units)) if states_home[i] == "cpu"]
-    param_b = [_a(u.numel * itemsize) for u in units]
-    state_b = [_a(u.numel_train * STATE_BYTES) for u in units]
+    param_b = [_a(u.numel // shards * itemsize) for u in units]
+    state_b = [_a(u.numel_train // shards * STATE_BYTES) for u in units]
     max_state = max((state_b[i] for i in host_states), default=0)
     max_hparam = max((param_b[i] for i in host_params), default=0)
     staging = STATE_SLOTS * max_state + (STREAM_DEPTH + 2) * max_hparam
@@ -171,20 +179,22 @@ def _host_needs(units, params_home, states_home, itemsize, grad_accum):
     return grads, host_params, host_states, param_b, state_b, staging, everything
 
 
-def host_memory_bounds(units, *, itemsize, gpu_budget, grad_accum, act_reserve=0):
-    """(smallest cpu_memory that works with an NVMe tier, cpu_memory that holds everything off-device)."""
-    params_home, states_home, _, _ = _place_device(units, itemsize, gpu_budget, act_reserve)
-    grads, _, _, _, _, staging, everything = _host_needs(units, params_home, states_home, itemsize, grad_accum)
+def host_memory_bounds(units, *, itemsize, gpu_budget, grad_accum, act_reserve=0, shards=1):
+    """(smallest cpu_memory that works with an NVMe tier, cpu_memory that holds everything off-device), per rank."""
+    params_home, states_home, _, _ = _place_device(units, itemsize, gpu_budget, act_reserve, shards)
+    grads, _, _, _, _, staging, everything = _host_needs(units, params_home, states_home, itemsize, grad_accum,
+                                                         shards)
     return grads + staging, everything
 
 
 def plan_placement(units, *, itemsize, device, gpu_budget, cpu_budget, nvme, grad_accum, activations,
-                   act_reserve=0):
-    """units: groups.Unit list. Budgets in bytes (None = unbounded). Returns a Plan or raises BudgetError."""
+                   act_reserve=0, shards=1):
+    """units: groups.Unit list (built with split_units(..., shards=shards)). Budgets in bytes (None =
+    unbounded), per rank. Returns a Plan or raises BudgetError."""
     n = len(units)
-    params_home, states_home, stream_ws, depth = _place_device(units, itemsize, gpu_budget, act_reserve)
+    params_home, states_home, stream_ws, depth = _place_device(units, itemsize, gpu_budget, act_reserve, shards)
     grads, host_params, host_states, param_b, state_b, staging, everything = _host_needs(
-        units, params_home, states_home, itemsize, grad_accum)
+        units, params_home, states_home, itemsize, grad_accum, shards)
     cpu_cap = float("inf") if cpu_budget is None else cpu_budget
     param_slots = 0
     if everything <= cpu_cap:
@@ -220,9 +230,9 @@ def plan_placement(units, *, itemsize, device, gpu_budget, cpu_budget, nvme, gra
 
     tier_bytes = {"gpu": 0, "cpu": 0, "nvme": 0}
     for i, u in enumerate(units):
-        tier_bytes[params_home[i]] += u.numel * itemsize
+        tier_bytes[params_home[i]] += u.numel * itemsize // (1 if params_home[i] == "gpu" else shards)
         if states_home[i] != "-":
-            tier_bytes[states_home[i]] += u.numel_train * STATE_BYTES
+            tier_bytes[states_home[i]] += u.numel_train // shards * STATE_BYTES
     arena = (sum(param_b[i] for i in range(n) if params_home[i] == "cpu")
              + sum(state_b[i] for i in range(n) if states_home[i] == "cpu") + grads + staging)
     streamed = any(h != "gpu" for h in params_home)
@@ -231,7 +241,7 @@ def plan_placement(units, *, itemsize, device, gpu_budget, cpu_budget, nvme, gra
     plans = []
     for i, u in enumerate(units):
         act = activations if u.kind == "block" else "keep"
-        plans.append(UnitPlan(u.name, u.numel, u.numel_train, params_home[i], states_home[i], act))
+        plans.append(UnitPlan(u.name, u.numel, u.numel_train, params_home[i], states_home[i], act, shards))
     plan = Plan(units=plans, bytes=tier_bytes, buffers=buffers,
                 budgets={"gpu": gpu_budget, "cpu": cpu_budget, "nvme": None},
                 prefetch_depth=depth, disk_prefetch_depth=depth + 2,
@@ -250,26 +260,29 @@ DEFAULT_RATES = {   # used until a probe of this machine is given: a PCIe 4 work
 def state_traffic_bytes(units, plans, itemsize, micro_batches=1):
     """Bytes (and AdamW elements) one optimizer step moves. Streamed params are fetched for forward and for
     backward of every micro-batch, and gradients leave the device after every micro-batch backward (the
-    host accumulates them); updates, state reads and write-backs happen once per step."""
+    host accumulates them); updates, state reads and write-backs happen once per step. With several ranks,
+    one rank's share: its slice crosses PCIe and the disk (the rest of a unit arrives by the all-gather, over
+    the interconnect, which is not priced here)."""
     m = micro_batches
     pcie = disk_read = disk_write = adam = 0
     for u, p in zip(units, plans):
-        pb, tb = u.numel * itemsize, u.numel_train * itemsize
+        k = getattr(p, "shards", 1)
+        pb, tb = u.numel // k * itemsize, u.numel_train // k * itemsize
         if p.params_home != "gpu":
             pcie += 2 * pb * m                 # forward and backward fetch
         if p.update_on == "device":
             pcie += 2 * u.numel_train * STATE_BYTES   # master/m/v in and back out (Note [device-side AdamW])
         elif p.states_home in ("cpu", "nvme"):
             pcie += tb * m                     # gradients out
-            adam += u.numel_train
+            adam += u.numel_train // k
             if p.params_home == "gpu":
                 pcie += tb                     # updated params back in
         if p.params_home == "nvme":
             disk_read += 2 * pb * m            # read for forward and for backward
             disk_write += tb                   # the updated trainable part, once
         if p.states_home == "nvme":
-            disk_read += u.numel_train * STATE_BYTES
-            disk_write += u.numel_train * STATE_BYTES
+            disk_read += u.numel_train // k * STATE_BYTES
+            disk_write += u.numel_train // k * STATE_BYTES
     return {"pcie": pcie, "disk_read": disk_read, "disk_write": disk_write, "adam_elems": adam}
 
 

@@ -9,6 +9,9 @@ Per unit (plan.UnitPlan says where):
   or one NVMe object laid out [master | m | v].
 - grad: where gradients land on the host (compute dtype), acc: an fp32 accumulator when grad_accum > 1,
   out: the CPU AdamW's output for device-resident params (copied to the device after the update).
+With several ranks (shard.py) everything but `flat` holds only this rank's slice, u.shard: home is
+u.shard.local elements, master/moments/grad/acc/out u.shard.train; `flat` is whole and filled by an
+all-gather. With one rank the slice is the whole unit.
 
 Note [storage resize]: this is FSDP's flat-parameter technique. Allocation of a streamed flat happens on
 the host->device stream; before the storage is freed it is recorded on the compute stream, so the caching
@@ -25,6 +28,7 @@ from . import _native
 from .arena import HostArena
 from .groups import UnitState
 from .profiler import WAIT_DISK, WAIT_H2D, WAIT_OPTIM
+from .shard import spec_for
 from .store import as_buffer, open_store
 
 
@@ -55,6 +59,7 @@ class UnitStorage:
     states_write: object = None         # Pending NVMe write of the states
     update_event: object = None         # device copy of the CPU AdamW output done
     states_event: object = None         # device-side AdamW: copy of the states back to the arena done
+    stale: bool = False                 # resident flat holds only this rank's updated slice: gather before use
     grad_event: object = None           # device->host gradient copy done
     compute_done: object = None         # compute stream passed the unit's backward
     updated: threading.Event = field(default_factory=lambda: _set_event())     # no optimizer update pending
@@ -144,8 +149,11 @@ class SlotRing:
 
 
 class Tiers:
-    def __init__(self, units, plan, *, device, dtype, nvme, trace=None):
+    def __init__(self, units, plan, *, device, dtype, nvme, trace=None, comm=None):
         self.units, self.plan, self.device, self.dtype = units, plan, device, dtype
+        self.comm = comm   # shard.Comm with several ranks, else None
+        for u in units:
+            u.shard = spec_for(u, comm)
         self.itemsize = torch.empty((), dtype=dtype).element_size()
         self.cuda = device.type == "cuda"
         self.h2d = torch.cuda.Stream(device) if self.cuda else None
@@ -155,8 +163,8 @@ class Tiers:
         uses_disk = any(p.params_home == "nvme" or p.states_home == "nvme" for p in plan.units)
         self.prof = trace   # a profiler.Profiler or None
         self.store = open_store(nvme, queue_depth=32, trace=trace.ring if trace else None) if uses_disk else None
-        max_state = max((u.numel_train * 12 for u, p in zip(units, plan.units) if p.states_home == "nvme"), default=0)
-        max_param = max((u.numel * self.itemsize for u, p in zip(units, plan.units) if p.params_home == "nvme"),
+        max_state = max((u.shard.train * 12 for u, p in zip(units, plan.units) if p.states_home == "nvme"), default=0)
+        max_param = max((u.shard.local * self.itemsize for u, p in zip(units, plan.units) if p.params_home == "nvme"),
                         default=0)
         if self.store is not None and self.arena is not None and self.store.backend == "io_uring":
             # Fixed buffers: io_uring then skips pinning/mapping each page of every request. The arena is one
@@ -189,10 +197,10 @@ class Tiers:
         st, p, dev = u.st, u.plan, self.device
         st.flat = torch.zeros(u.numel, dtype=self.dtype, device=dev)
         if p.params_home == "cpu":
-            st.home = self._host(u.numel, self.dtype)
+            st.home = self._host(u.shard.local, self.dtype)
         elif p.params_home == "nvme":
-            st.home_obj = self.store.create(u.numel * self.itemsize)
-        n = u.numel_train
+            st.home_obj = self.store.create(u.shard.local * self.itemsize)
+        n = u.shard.train
         if n:
             st.steps = [0] * sum(1 for s in u.slots if s.trainable)
             st.has_grad = [False] * len(st.steps)
@@ -213,10 +221,14 @@ class Tiers:
                         st.out = self._host(n, self.dtype)
 
     def load_initial(self, u, values):
-        """values: fp32 CPU flat of u.numel holding the unit's parameters (padding zero); moments start at 0."""
-        n = u.numel_train
-        zeros = torch.zeros(n, dtype=torch.float32)
-        self.write_unit(u, values, values[:n], zeros, zeros)
+        """values: fp32 CPU flat of u.numel holding the unit's parameters (padding zero), alike on every rank;
+        moments start at 0."""
+        local = u.shard.take(values)
+        zeros = torch.zeros(u.shard.train, dtype=torch.float32)
+        self.write_unit(u, local, local[:u.shard.train], zeros, zeros)
+        if u.plan.params_home == "gpu" and self.comm is not None:
+            u.st.flat.copy_(values)     # every rank holds the whole: no gather needed
+            u.st.stale = False
 
     def bind_params(self, u):
         """Points every parameter of the unit at its view of the flat buffer (setup only)."""
@@ -233,7 +245,7 @@ class Tiers:
     def write_params(self, u, compute_flat, length=None):
         """Synchronous write of compute-dtype params (setup, checkpoint load)."""
         slot = self.param_slots.acquire()
-        nb = (length if length is not None else u.numel) * self.itemsize
+        nb = (length if length is not None else u.shard.local) * self.itemsize
         slot[:nb].copy_(compute_flat[:nb // self.itemsize].view(torch.uint8))
         self.store.wait(self.store.submit_write(u.st.home_obj, 0, as_buffer(slot[:nb])))
         self.param_slots.release(slot)
@@ -249,7 +261,7 @@ class Tiers:
         else:
             slot, pending = self._read_states_into(u, self.state_slots.acquire())
             pending.wait()
-        n = u.numel_train
+        n = u.shard.train
         f = slot[:n * 12].view(torch.float32)
         return slot, f[:n], f[n:2 * n], f[2 * n:]
 
@@ -258,7 +270,7 @@ class Tiers:
         if st.states_write is not None:   # the previous update's write-behind must land first
             st.states_write.wait()
             st.states_write = None
-        n = u.numel_train
+        n = u.shard.train
         pending = Pending(self.store, self.store.submit_read(st.states_obj, 0, as_buffer(slot[:n * 12]), tag=u.index))
         self.moved["disk_read"] += n * 12
         return slot, pending
@@ -283,7 +295,7 @@ class Tiers:
             self.state_slots.release(ahead[1])
 
     def write_states(self, u, master, exp_avg, exp_avg_sq, wait=False, slot=None):
-        st, n = u.st, u.numel_train
+        st, n = u.st, u.shard.train
         if slot is None:
             slot = self.state_slots.acquire()
             f = slot[:n * 12].view(torch.float32)
@@ -311,9 +323,9 @@ class Tiers:
         if slot is None:
             return
         st.disk_slot = slot
-        st.disk_ticket = Pending(self.store, self.store.submit_read(st.home_obj, 0, as_buffer(slot[:u.numel * self.itemsize]),
-                                                                    tag=u.index))
-        self.moved["disk_read"] += u.numel * self.itemsize
+        nb = u.shard.local * self.itemsize
+        st.disk_ticket = Pending(self.store, self.store.submit_read(st.home_obj, 0, as_buffer(slot[:nb]), tag=u.index))
+        self.moved["disk_read"] += nb
 
     def fetch(self, u):
         """Starts making u.flat valid on the compute device (asynchronous on CUDA)."""
@@ -328,27 +340,34 @@ class Tiers:
             st.disk_ticket.wait()
             if t0 is not None:
                 prof.record(WAIT_DISK, u.index, 0, t0)
-            src = st.disk_slot[:nbytes].view(self.dtype)
+            src = st.disk_slot[:u.shard.local * self.itemsize].view(self.dtype)
         else:
             src = st.home
         storage = st.flat.untyped_storage()
-        self.moved["h2d"] += nbytes
+        nb = u.shard.local * self.itemsize
+        self.moved["h2d"] += nb
         if self.cuda:
             with torch.cuda.stream(self.h2d):
                 storage.resize_(nbytes)
                 t0 = prof.begin_work(KIND_H2D, u.index, self.h2d) if prof else None
-                st.flat.copy_(src, non_blocking=True)
+                if self.comm is None:
+                    st.flat.copy_(src, non_blocking=True)
+                else:   # NCCL's stream waits for this copy; the h2d stream waits for the gather
+                    self.comm.gather_flat(u, src.to(self.device, non_blocking=True), st.flat)
                 if t0 is not None:
-                    prof.end_work(t0, KIND_H2D, u.index, nbytes, self.h2d)
+                    prof.end_work(t0, KIND_H2D, u.index, nb, self.h2d)
                 ev = torch.cuda.Event()
                 ev.record(self.h2d)
             st.ready_event = ev
         else:
             storage.resize_(nbytes)
             t0 = prof.begin_work(KIND_H2D, u.index) if prof else None
-            st.flat.copy_(src)
+            if self.comm is None:
+                st.flat.copy_(src)
+            else:
+                self.comm.gather_flat(u, src, st.flat)
             if t0 is not None:
-                prof.end_work(t0, KIND_H2D, u.index, nbytes)
+                prof.end_work(t0, KIND_H2D, u.index, nb)
             ev = None
         if u.plan.params_home == "nvme":
             self.param_slots.release(st.disk_slot, event=ev)
@@ -372,6 +391,14 @@ class Tiers:
         if u.st.update_event is not None:
             torch.cuda.current_stream(self.device).wait_event(u.st.update_event)
             u.st.update_event = None
+        if u.st.stale:
+            self.regather(u)
+
+    def regather(self, u):
+        """A resident unit's flat after this rank updated its own slice: the other ranks' slices are gathered
+        (every rank reaches this at the same point of the step, so the collectives pair up)."""
+        u.st.stale = False
+        self.comm.gather_flat(u, u.shard.take(u.st.flat), u.st.flat)
 
     def _wait_update(self, u):
         """Waits for a pending optimizer update of u; traced only when there is one to wait for."""
@@ -403,15 +430,16 @@ class Tiers:
 
     # ---- whole-unit reads and writes (checkpoints, state_dict) ----------------------------------------------
     def read_unit(self, u):
-        """CPU copies of (compute-dtype flat, master, exp_avg, exp_avg_sq); the last three None when frozen."""
+        """CPU copies of this rank's (compute-dtype flat, master, exp_avg, exp_avg_sq) slices; the last three
+        None when frozen."""
         st, p = u.st, u.plan
         if p.params_home == "gpu":
-            compute = st.flat.detach().cpu().clone()
+            compute = u.shard.take(st.flat.detach()).cpu().clone()
         elif p.params_home == "cpu":
             compute = st.home.clone()
         else:
             slot = self.param_slots.acquire()
-            nb = u.numel * self.itemsize
+            nb = u.shard.local * self.itemsize
             self.store.wait(self.store.submit_read(st.home_obj, 0, as_buffer(slot[:nb])))
             compute = slot[:nb].view(self.dtype).clone()
             self.param_slots.release(slot)
@@ -425,16 +453,18 @@ class Tiers:
         return compute, st.master.cpu().clone(), st.exp_avg.cpu().clone(), st.exp_avg_sq.cpu().clone()
 
     def write_unit(self, u, compute, master=None, exp_avg=None, exp_avg_sq=None):
+        """Writes this rank's slices; a resident flat is then stale until regather() (several ranks)."""
         st, p = u.st, u.plan
         self.drop_states_ahead()
         compute = compute.to(self.dtype)
         if p.params_home == "gpu":
-            st.flat.copy_(compute)
+            u.shard.put(st.flat, compute)
+            st.stale = self.comm is not None
         elif p.params_home == "cpu":
             st.home.copy_(compute)
         else:
             self.write_params(u, compute)
-        if u.numel_train and master is not None:
+        if u.shard.train and master is not None:
             if p.states_home == "nvme":
                 self.write_states(u, master, exp_avg, exp_avg_sq, wait=True)
             else:

@@ -50,9 +50,10 @@ def param_count(model, trainable_only=False):
     return sum(p.numel() for p in unique_params(model) if p.requires_grad or not trainable_only)
 
 
-def tier_kwargs(model, mix, tmp_path, *, grad_accum=1, dtype=torch.float32, device="cpu"):
+def tier_kwargs(model, mix, tmp_path, *, grad_accum=1, dtype=torch.float32, device="cpu", shards=1):
     """gpu_memory / cpu_memory / nvme for offload.engine() so that ``mix`` happens. The ONE place the
-    budgets are chosen. They come from the engine's own accounting (offload.plan), so each mix is exact:
+    budgets are chosen. They come from the engine's own accounting (offload.plan), so each mix is exact
+    (per rank when the engine runs on ``shards`` ranks):
 
       mix        gpu_memory              cpu_memory                      nvme
       device     DEVICE_ROOMY * S        None (planned)                  None
@@ -72,13 +73,13 @@ def tier_kwargs(model, mix, tmp_path, *, grad_accum=1, dtype=torch.float32, devi
     S = STATE_BYTES_PER_PARAM * param_count(model)
     if mix == "device":
         return dict(gpu_memory=DEVICE_ROOMY * S + (1 << 20), cpu_memory=None, nvme=None)
-    units = split_units(model)
+    units = split_units(model, shards=shards)
     W = stream_working_set(units, itemsize)
     if device != "cpu":    # the engine keeps a share of a GPU budget for activations
         W = int(W / (1 - ACTIVATION_SHARE)) + 1
     reserve = int(W * ACTIVATION_SHARE) if device != "cpu" else 0
     minimum, everything = host_memory_bounds(units, itemsize=itemsize, gpu_budget=W, grad_accum=grad_accum,
-                                             act_reserve=reserve)
+                                             act_reserve=reserve, shards=shards)
     if mix == "cpu":
         return dict(gpu_memory=W, cpu_memory=everything, nvme=None)
     nvme = Path(tmp_path) / "nvme"
@@ -87,7 +88,7 @@ def tier_kwargs(model, mix, tmp_path, *, grad_accum=1, dtype=torch.float32, devi
     def placed(cpu):
         return plan_placement(units, itemsize=itemsize, device=device, gpu_budget=W, cpu_budget=cpu,
                               nvme=[str(nvme)], grad_accum=grad_accum, activations="keep",
-                              act_reserve=reserve).bytes
+                              act_reserve=reserve, shards=shards).bytes
 
     if mix == "nvme":
         cpu = minimum
@@ -191,13 +192,14 @@ def run_reference(model, batches, *, grad_accum=1, clip=None, scheduler=None, sk
     return run
 
 
-def make_engine(model, *, mix, tmp_path, hp=HP, device="cpu", dtype=torch.float32, **kw):
-    """offload.engine over ``model`` (not copied: the engine may take ownership) with the mix's budgets."""
+def make_engine(model, *, mix, tmp_path, hp=HP, device="cpu", dtype=torch.float32, shards=1, **kw):
+    """offload.engine over ``model`` (not copied: the engine may take ownership) with the mix's budgets
+    (per rank, for a run on ``shards`` ranks)."""
     import offload
 
     return offload.engine(model, optimizer=offload.AdamW(**hp), device=device, dtype=dtype,
                           **tier_kwargs(model, mix, tmp_path, grad_accum=kw.get("grad_accum", 1), dtype=dtype,
-                                        device=device), **kw)
+                                        device=device, shards=shards), **kw)
 
 
 def train_engine(engine, batches, *, scheduler=None, poison=(), snapshots=False, device="cpu", run=None):
