@@ -241,7 +241,7 @@ def plan_placement(units, *, itemsize, device, gpu_budget, cpu_budget, nvme, gra
     plans = []
     for i, u in enumerate(units):
         act = activations if u.kind == "block" else "keep"
-        plans.append(UnitPlan(u.name, u.numel, u.numel_train, params_home[i], states_home[i], act, shards))
+        plans.append(UnitPlan(u.name, u.numel, u.numel_train, params_home[i], states_home[i], act, shards=shards))
     plan = Plan(units=plans, bytes=tier_bytes, buffers=buffers,
                 budgets={"gpu": gpu_budget, "cpu": cpu_budget, "nvme": None},
                 prefetch_depth=depth, disk_prefetch_depth=depth + 2,
