@@ -2,13 +2,14 @@
 safetensors shards (`Folder`) or seeded random values (`RandomInit`, for presets). Either way they are
 materialised straight into each unit's tiers, never into a whole-model copy in memory.
 
-Note [meta loading]: the folder's shard headers are read first (names, dtypes, shapes: a few KiB each), so a
-parameter with no tensor or a tensor of the wrong shape is refused before anything is allocated. Then the
-shards are opened one at a time, in order; each tensor is copied into an fp32 buffer of the unit that owns
-it, and a unit is written to its tiers (tiers.load_initial) as soon as its last tensor has arrived, and its
-buffer dropped. Host memory beyond the engine's budgets is therefore one mapped shard plus the units still
-being assembled: with shards written in module order (as save_pretrained writes them) that is the unit a
-shard boundary splits, a few per cent of the model, never all of it.
+Note [meta loading]: the folder's shard headers are read first (names, dtypes, shapes, byte ranges: a few
+KiB each), so a parameter with no tensor or a tensor of the wrong shape is refused before anything is
+allocated. Then the shards are read one at a time, in order, with plain reads (no memory map): each
+tensor's bytes go straight into the fp32 buffer of the unit that owns it (through one reused staging
+buffer when the file holds another dtype), and a unit is written to its tiers (tiers.load_initial) as soon
+as its last tensor has arrived. Assembly buffers are pooled: with shards written in module order (as
+save_pretrained writes them) two are in use at most, the unit a shard boundary splits and the next. Host
+memory beyond the engine's budgets is those buffers plus the staging of the largest tensor, never the model.
 
 Parameters that are not on the meta device keep their values unless the folder has a tensor for them; that
 is how LoRA adapters created beside a meta-device base model keep their initialisation. Non-persistent
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ConfigError
+from .store import as_buffer
 
 # safetensors dtype names -> torch dtypes (the ones a weight can have)
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -36,7 +38,8 @@ class WeightsError(ConfigError):
 
 
 def read_header(path):
-    """{key: (dtype name, shape)} of one safetensors file, from its header alone (no tensor data is read)."""
+    """{key: (dtype name, shape, start, end)} of one safetensors file (byte range in the file), from its
+    header alone (no tensor data is read)."""
     try:
         with open(path, "rb") as f:
             raw = f.read(8)
@@ -50,8 +53,9 @@ def read_header(path):
         raise WeightsError(f"{path}: not a safetensors file (header is not a table)")
     header.pop("__metadata__", None)
     try:
-        return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items()}
-    except (KeyError, TypeError):
+        return {k: (v["dtype"], tuple(v["shape"]), 8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
+                for k, v in header.items()}
+    except (KeyError, TypeError, IndexError):
         raise WeightsError(f"{path}: malformed safetensors header") from None
 
 
@@ -98,13 +102,16 @@ class Folder:
                 f" (found {', '.join(pickled[:3])}: pickled weights are not loaded; convert them to safetensors)"
                 if pickled else ""))
         self.files = files
-        self.keys = {}   # key -> (file, dtype name, shape)
+        self.keys = {}   # key -> (file, dtype name, shape, start, end)
         for fname in files:
             fpath = os.path.join(self.path, fname)
             if not os.path.isfile(fpath):
                 raise WeightsError(f"weights {self.path}: shard {fname} named by the index is missing")
-            for k, (dt, shape) in read_header(fpath).items():
-                self.keys[k] = (fname, dt, shape)
+            size = os.path.getsize(fpath)
+            for k, (dt, shape, start, end) in read_header(fpath).items():
+                if end > size:
+                    raise WeightsError(f"{fpath}: truncated ({k} ends at byte {end}, the file has {size})")
+                self.keys[k] = (fname, dt, shape, start, end)
 
     def match(self, module, params):
         """{param: key} for the params the folder holds; WeightsError naming every meta-device param without
@@ -118,8 +125,8 @@ class Folder:
                 if p.is_meta:
                     missing.append(names[0])
                 continue
-            _, dt, shape = self.keys[key]
-            if shape != tuple(p.shape) or dt not in _DTYPES:
+            _, dt, shape, start, end = self.keys[key]
+            if shape != tuple(p.shape) or dt not in _DTYPES or end - start != p.numel() * _DTYPES[dt].itemsize:
                 wrong.append(f"{key} is {dt}{list(shape)}, the model's {names[0]} {list(p.shape)}")
             found[p] = key
         if missing:
@@ -130,6 +137,35 @@ class Folder:
         if wrong:
             raise WeightsError(f"weights {self.path}: {len(wrong)} tensors do not fit the model: {'; '.join(wrong[:3])}")
         return found
+
+
+    def read_into(self, key, out, staging=None):
+        """Reads tensor `key` into the contiguous CPU tensor `out` (same number of elements), converting its
+        dtype through `staging` (a uint8 tensor, grown as needed; returned) when the file's differs."""
+        fname, dt, _, start, end = self.keys[key]
+        src = _DTYPES[dt]
+        target = out if src == out.dtype else None
+        if target is None:
+            if staging is None or staging.numel() < end - start:
+                staging = torch.empty(end - start, dtype=torch.uint8)
+            target = staging[:end - start].view(src)
+        path = os.path.join(self.path, fname)
+        with open(path, "rb", buffering=0) as f:
+            _read_exact(f, start, as_buffer(target), path)
+        if target is not out:
+            out.copy_(target)
+        return staging
+
+
+def _read_exact(f, offset, buf, path):
+    view = memoryview(buf).cast("B")
+    f.seek(offset)
+    done = 0
+    while done < len(view):           # a read may return less than asked: go on from where it stopped
+        n = f.readinto(view[done:])
+        if not n:
+            raise WeightsError(f"{path}: truncated at byte {offset + done}")
+        done += n
 
 
 @dataclass(frozen=True)
@@ -167,7 +203,6 @@ def open_source(weights, module):
 def materialise_buffers(module, source):
     """Gives every meta-device buffer real values (CPU): from the folder when it holds them (persistent
     buffers), else from the model's Hugging Face initialiser. WeightsError naming those neither can give."""
-    from safetensors import safe_open
     owners = [(fqn, m, n) for fqn, m in module.named_modules() for n, b in m._buffers.items()
               if b is not None and b.is_meta]
     left = []
@@ -175,8 +210,13 @@ def materialise_buffers(module, source):
         name = f"{fqn}.{n}" if fqn else n
         key = next((k for k in checkpoint_keys(name) if isinstance(source, Folder) and k in source.keys), None)
         if key is not None:
-            with safe_open(os.path.join(source.path, source.keys[key][0]), framework="pt") as f:
-                m._buffers[n] = f.get_tensor(key).to(m._buffers[n].dtype)
+            _, dt, shape, _, _ = source.keys[key]
+            if dt not in _DTYPES or shape != tuple(m._buffers[n].shape):
+                raise WeightsError(f"weights {source.path}: buffer {key} is {dt}{list(shape)}, the model's "
+                                   f"{list(m._buffers[n].shape)}")
+            t = torch.empty(shape, dtype=_DTYPES[dt])
+            source.read_into(key, t)
+            m._buffers[n] = t.to(m._buffers[n].dtype)
             continue
         m._buffers[n] = torch.empty_like(m._buffers[n], device="cpu")
         left.append((name, m, n))
@@ -218,20 +258,27 @@ def load_units(units, tiers, module, source):
             _unreal(s.param)
 
 
-def _start(u, skip=()):
-    """The unit's fp32 flat with the values of every non-meta parameter not in `skip` (padding zero)."""
-    values = torch.zeros(u.numel, dtype=torch.float32)
+def _start(u, skip=(), pool=None):
+    """A buffer whose first u.numel elements are the unit's fp32 flat with the values of every non-meta
+    parameter not in `skip` (padding zero); taken from `pool` (buffers handed back after earlier units) when
+    one is large enough."""
+    i = next((i for i, b in enumerate(pool or ()) if b.numel() >= u.numel), None)
+    if i is not None:
+        base = pool.pop(i)
+        base[:u.numel].zero_()
+    else:
+        base = torch.zeros(u.numel, dtype=torch.float32)
+    values = base[:u.numel]
     with torch.no_grad():
         for s in u.slots:
             if not s.param.is_meta and s.param not in skip:
                 values[s.offset:s.offset + s.numel].copy_(s.param.detach().reshape(-1))
-    return values
+    return base
 
 
 def _load_folder(units, tiers, module, folder):
-    from safetensors import safe_open
     found = folder.match(module, [s.param for u in units for s in u.slots])
-    by_file = {}        # shard -> [(unit, slot, key)]
+    by_file = {}        # shard -> [(unit, slot, key)] in file order
     remaining = {}
     for u in units:
         mine = [s for s in u.slots if s.param in found]
@@ -240,20 +287,18 @@ def _load_folder(units, tiers, module, folder):
             by_file.setdefault(folder.keys[found[s.param]][0], []).append((u, s, found[s.param]))
         if not mine:
             tiers.load_initial(u, _start(u))
-    building = {}
+    pool, building, staging = [], {}, None
     for fname in folder.files:
-        entries = by_file.get(fname)
-        if not entries:
-            continue
-        with safe_open(os.path.join(folder.path, fname), framework="pt") as f:
-            for u, s, key in entries:
-                if u.index not in building:
-                    building[u.index] = _start(u, skip=found)
-                values = building[u.index]
-                values[s.offset:s.offset + s.numel].copy_(f.get_tensor(key).reshape(-1))
-                remaining[u.index] -= 1
-                if remaining[u.index] == 0:
-                    tiers.load_initial(u, building.pop(u.index))
+        for u, s, key in sorted(by_file.get(fname, ()), key=lambda e: folder.keys[e[2]][3]):
+            if u.index not in building:
+                building[u.index] = _start(u, skip=found, pool=pool)
+            base = building[u.index]
+            staging = folder.read_into(key, base[s.offset:s.offset + s.numel], staging)
+            remaining[u.index] -= 1
+            if remaining[u.index] == 0:
+                base = building.pop(u.index)
+                tiers.load_initial(u, base[:u.numel])
+                pool.append(base)
 
 
 def _load_random(units, tiers, module, init):
