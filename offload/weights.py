@@ -191,8 +191,9 @@ class RandomInit:
 
 
 def open_source(weights, module):
-    """A checked weight source for offload.engine(weights=...): a folder path or a RandomInit."""
-    if isinstance(weights, RandomInit):
+    """A checked weight source for offload.engine(weights=...): a folder path (or an opened Folder) or a
+    RandomInit."""
+    if isinstance(weights, (RandomInit, Folder)):
         return weights
     if isinstance(weights, (str, os.PathLike)):
         return Folder(weights)
