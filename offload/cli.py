@@ -21,6 +21,9 @@ def _train_parser(sub):
     g.add_argument("--epochs", type=float, help="passes over the data")
     p.add_argument("--save", required=True, help="output directory: checkpoint/, final/ (save_pretrained), train.log")
     p.add_argument("--resume", action="store_true", help="continue from SAVE/checkpoint")
+    p.add_argument("--lora", type=int, default=None, metavar="R",
+                   help="train rank-R LoRA adapters on every linear layer of the blocks (needs peft); the base "
+                        "stays frozen and final/ holds the adapters in peft's format")
     p.add_argument("--seq", type=int, default=64, help="tokens per sequence (default 64)")
     p.add_argument("--batch", type=int, default=4, help="sequences per micro-batch and rank (default 4)")
     p.add_argument("--grad-accum", type=int, default=1)
@@ -39,25 +42,34 @@ def _train_parser(sub):
     p.set_defaults(func=cmd_train)
 
 
-def _load_model(name, seq):
+def _load_model(name, seq, seed):
+    """(model on the meta device, tokenizer, weights source): a folder's shards are read by the engine unit by
+    unit (Note [meta loading] in weights.py), so a folder larger than host memory can be trained."""
     import torch
+    from .weights import Folder, RandomInit
     if os.path.isdir(name):
+        from .model_config import load_config
+        config = load_config(name)          # unknown architectures are refused here, by model_type
+        weights = Folder(name)              # no shards, pickled weights only: refused here
+        config._name_or_path = os.path.abspath(name)    # adapters saved later name their base model
         try:
             from transformers import AutoModelForCausalLM, AutoTokenizer
-        except ImportError:
-            raise ConfigError("loading a model folder needs transformers: pip install transformers") from None
-        if not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(name)):
-            raise ConfigError(f"--model {name}: the folder has no weights (*.safetensors)")
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config)
+        except ValueError as e:
+            raise ConfigError(f"--model {name}: model_type {config.model_type!r} has no causal language-model "
+                              f"head in transformers ({str(e).splitlines()[0][:120]})") from None
         try:
-            model = AutoModelForCausalLM.from_pretrained(name, torch_dtype=torch.float32)
             tok = AutoTokenizer.from_pretrained(name)
-        except (OSError, ValueError, KeyError) as e:
-            raise ConfigError(f"--model {name}: {str(e).splitlines()[0]}") from None
-        return model, tok
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"--model {name}: no usable tokenizer in the folder ({str(e).splitlines()[0][:160]})") from None
+        return model, tok, weights
+    from transformers import LlamaForCausalLM
     from .data import ByteTokenizer
-    from .presets import build_preset
-    model, _ = build_preset(name, max_seq=max(seq, 128))
-    return model, ByteTokenizer()
+    from .presets import preset_config
+    with torch.device("meta"):
+        model = LlamaForCausalLM(preset_config(name, max_seq=max(seq, 128)))
+    return model, ByteTokenizer(), RandomInit(seed=seed)
 
 
 def cmd_train(args):
@@ -82,12 +94,15 @@ def cmd_train(args):
         shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
         print(f"offload: skipped {len(bad)} bad lines in {args.data} (lines {shown})", file=sys.stderr)
         log.info("skipped %d bad lines: %s", len(bad), bad)
-    model, tok = _load_model(args.model, args.seq)
+    model, tok, weights = _load_model(args.model, args.seq, args.seed)
     vocab = model.get_input_embeddings().num_embeddings
     rows = pack(docs, tok, args.seq)
     if int(rows.max()) >= vocab:
         raise ConfigError(f"the tokenizer produces id {int(rows.max())} but the model's vocabulary has {vocab} "
                           f"entries: tokenizer and model do not match")
+    if args.lora is not None:
+        from .lora import apply_lora
+        model = apply_lora(model, args.lora)
     micro_per_epoch = rows.shape[0] // (args.batch * world)
     if micro_per_epoch == 0:
         raise ConfigError(f"--data holds {rows.shape[0]} sequences of {args.seq} tokens, fewer than one batch of "
@@ -98,7 +113,8 @@ def cmd_train(args):
     eng = offload.engine(model, optimizer=offload.AdamW(lr=args.lr, weight_decay=args.weight_decay),
                          device=args.device, gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory,
                          nvme=args.nvme, grad_accum=args.grad_accum, clip_grad_norm=args.clip,
-                         activations=args.activations, trace=_rank_path(args.trace, rank))
+                         activations=args.activations, trace=_rank_path(args.trace, rank),
+                         weights=weights)
     say = print if rank == 0 else (lambda *a, **k: None)
     with eng:
         say(eng.plan)

@@ -24,17 +24,20 @@ from .shard import current_comm
 from .sizes import fmt_bytes, parse_size
 from .stream import Streamer
 from .tiers import KIND_D2H, KIND_OPTIM, Tiers
+from .weights import Folder, load_units, materialise_buffers, open_source
 
 ACTIVATION_SHARE = 0.4   # of gpu_memory, on CUDA, kept free for activations and temporaries
 
 
 def engine(model, *, optimizer=None, device=None, dtype=None, gpu_memory=None, cpu_memory=None, nvme=None,
-           grad_accum=1, clip_grad_norm=None, activations="auto", trace=None):
+           grad_accum=1, clip_grad_norm=None, activations="auto", trace=None, weights=None):
     """Wraps `model` for training. See DESIGN.md "The user's view"; every argument is checked before any
-    work starts."""
+    work starts. weights: where the initial values of a model built on the meta device come from, a Hugging
+    Face folder of safetensors shards or an offload.weights.RandomInit; each unit is materialised straight
+    into its tiers (Note [meta loading] in weights.py)."""
     return Engine(model, optimizer=optimizer, device=device, dtype=dtype, gpu_memory=gpu_memory,
                   cpu_memory=cpu_memory, nvme=nvme, grad_accum=grad_accum, clip_grad_norm=clip_grad_norm,
-                  activations=activations, trace=trace)
+                  activations=activations, trace=trace, weights=weights)
 
 
 def _resolve_device(device):
@@ -104,7 +107,7 @@ class Engine:
     and step(); save()/load() checkpoint every tier; close() (or `with`) removes swap files."""
 
     def __init__(self, model, *, optimizer, device, dtype, gpu_memory, cpu_memory, nvme, grad_accum,
-                 clip_grad_norm, activations, trace):
+                 clip_grad_norm, activations, trace, weights=None):
         if not isinstance(model, torch.nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(grad_accum, int) or isinstance(grad_accum, bool) or grad_accum < 1:
@@ -121,9 +124,11 @@ class Engine:
         if self.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ConfigError(f"dtype={self.dtype}: use torch.float32, torch.bfloat16 or torch.float16")
         metas = [n for n, p in model.named_parameters() if p.is_meta]
-        if metas:
+        if metas and weights is None:
             raise ConfigError(f"parameters on the meta device ({', '.join(metas[:3])}{'...' if len(metas) > 3 else ''}): "
-                              f"materialise the model first or load it with offload's Hugging Face loader")
+                              f"pass weights=FOLDER (a Hugging Face folder of safetensors shards) or "
+                              f"weights=offload.weights.RandomInit(), or materialise the model first")
+        self.weights = open_source(weights, model) if weights is not None else None
         # With a torch.distributed group of several ranks every unit is sharded over them (shard.py).
         self.comm = current_comm(self.device)
         shards = self.comm.world if self.comm else 1
@@ -143,6 +148,12 @@ class Engine:
         self.clip_grad_norm = clip_grad_norm
         self.mode = "deferred" if clip_grad_norm is not None else "eager"   # Note [update modes] in optim.py
         self.units = split_units(model, shards=shards)
+        if self.weights is not None:
+            # Matched against the shards' headers and buffers given values now: a folder that does not fit
+            # the model is refused before any tier is allocated.
+            if isinstance(self.weights, Folder):
+                self.weights.match(model, [s.param for u in self.units for s in u.slots])
+            materialise_buffers(model, self.weights)
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         # Until the planner knows batch and sequence, a share of the device budget is kept for activations.
         act_reserve = int(gpu_b * ACTIVATION_SHARE) if (self.device.type == "cuda" and gpu_b) else 0
@@ -204,14 +215,18 @@ class Engine:
 
     def _setup(self):
         self.tiers.allocate(self.grad_accum)
+        if self.weights is not None:
+            load_units(self.units, self.tiers, self.module, self.weights)
+        else:
+            for u in self.units:
+                values = torch.zeros(u.numel, dtype=torch.float32)
+                with torch.no_grad():
+                    for s in u.slots:
+                        values[s.offset:s.offset + s.numel].copy_(s.param.detach().reshape(-1))
+                if self.comm is not None:   # rank 0's weights, whatever each rank was initialised with
+                    self.comm.broadcast_(values, f"the initial weights of unit '{u.name}'")
+                self.tiers.load_initial(u, values)
         for u in self.units:
-            values = torch.zeros(u.numel, dtype=torch.float32)
-            with torch.no_grad():
-                for s in u.slots:
-                    values[s.offset:s.offset + s.numel].copy_(s.param.detach().reshape(-1))
-            if self.comm is not None:   # rank 0's weights, whatever each rank was initialised with
-                self.comm.broadcast_(values, f"the initial weights of unit '{u.name}'")
-            self.tiers.load_initial(u, values)
             self.tiers.bind_params(u)
         for mod in self.module.modules():   # buffers (rotary tables, position ids) live on the compute device
             for name, b in list(mod._buffers.items()):

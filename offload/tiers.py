@@ -195,7 +195,13 @@ class Tiers:
 
     def _allocate_unit(self, u):
         st, p, dev = u.st, u.plan, self.device
-        st.flat = torch.zeros(u.numel, dtype=self.dtype, device=dev)
+        if p.params_home == "gpu":
+            st.flat = torch.zeros(u.numel, dtype=self.dtype, device=dev)
+        else:
+            # Born released (Note [storage resize]): allocating every streamed unit's flat here, even for a
+            # moment, would need the whole model on the compute device at once.
+            st.flat = torch.empty(u.numel, dtype=self.dtype, device=dev)
+            st.flat.untyped_storage().resize_(0)
         if p.params_home == "cpu":
             st.home = self._host(u.shard.local, self.dtype)
         elif p.params_home == "nvme":
@@ -233,6 +239,9 @@ class Tiers:
     def bind_params(self, u):
         """Points every parameter of the unit at its view of the flat buffer (setup only)."""
         st = u.st
+        storage = st.flat.untyped_storage()
+        if storage.nbytes() == 0:   # views are checked against the storage's size: give it one unit, briefly
+            storage.resize_(u.numel * self.itemsize)
         for s in u.slots:
             s.param.data = st.flat[s.offset:s.offset + s.numel].view(s.shape)
         if u.plan.params_home != "gpu":

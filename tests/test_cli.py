@@ -81,3 +81,94 @@ def test_bad_jsonl_lines_counted_and_skipped(tmp_path):
     r = train(*args, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "skipped 2 bad lines" in r.stderr and "101" in r.stderr and "102" in r.stderr
+
+
+# ------------------------------------------------------------------------------ a Hugging Face model folder
+
+def make_folder(path, vocab_model=None, tokenizer=True, tok_vocab=200):
+    """A tiny Llama folder as a user would have it: sharded safetensors, config, and a BPE tokenizer trained on
+    the demo data (so no download). vocab_model: the model's vocabulary (default: the tokenizer's)."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train([DATA], trainers.BpeTrainer(vocab_size=tok_vocab, special_tokens=["[UNK]", "[EOS]"],
+                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=vocab_model or len(fast), hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=128, tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path, max_shard_size="100KB")
+    if tokenizer:
+        fast.save_pretrained(path)
+    return str(path)
+
+
+def folder_args(tmp_path, folder, *extra):
+    args = common(tmp_path) + ["--steps", "2", "--save", str(tmp_path / "out"), *extra]
+    args[args.index("tiny")] = folder
+    args[args.index("5MiB")] = "2MiB"
+    return args
+
+
+def test_train_folder_full(tmp_path):
+    """A folder is built on the meta device and read shard by shard; final/ loads with from_pretrained."""
+    import transformers
+    folder = make_folder(tmp_path / "model")
+    r = train(*folder_args(tmp_path, folder), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["model_state_bytes"]["cpu"] > 0
+    base = transformers.AutoModelForCausalLM.from_pretrained(folder).state_dict()
+    out = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final").state_dict()
+    assert out.keys() == base.keys()
+    assert all(out[k].shape == base[k].shape for k in base)
+    assert not torch.equal(out["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_train_folder_lora(tmp_path):
+    """--lora 4: the base stays as it was; final/ holds peft adapters that load onto the folder's model."""
+    peft = pytest.importorskip("peft")
+    import transformers
+    folder = make_folder(tmp_path / "model")
+    r = train(*folder_args(tmp_path, folder, "--lora", "4"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    final = tmp_path / "out" / "final"
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= set(os.listdir(final))
+    cfg = json.loads((final / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and os.path.samefile(cfg["base_model_name_or_path"], folder)
+    model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(folder), final)
+    trained = [n for n, p in model.named_parameters() if "lora_B" in n and p.abs().sum() > 0]
+    assert trained, "the adapters were not trained"
+
+
+@pytest.mark.parametrize("case", ["unknown-architecture", "tokenizer-mismatch", "no-tokenizer", "pickled-weights",
+                                  "bad-lora-rank"])
+def test_bad_folder_one_line_exit_2(tmp_path, case):
+    folder = tmp_path / "model"
+    extra = []
+    if case == "unknown-architecture":
+        folder.mkdir()
+        (folder / "config.json").write_text('{"model_type": "no-such-architecture"}')
+        (folder / "model.safetensors").write_bytes(b"")
+        expect = "no-such-architecture"
+    elif case == "tokenizer-mismatch":
+        make_folder(folder, vocab_model=64)
+        expect = "tokenizer and model do not match"
+    elif case == "no-tokenizer":
+        make_folder(folder, tokenizer=False)
+        expect = "no usable tokenizer"
+    elif case == "pickled-weights":
+        folder.mkdir()
+        (folder / "config.json").write_text('{"model_type": "llama"}')
+        (folder / "pytorch_model.bin").write_bytes(b"\x80\x04")
+        expect = "pickled weights are not loaded"
+    else:
+        make_folder(folder)
+        extra = ["--lora", "0"]
+        expect = "rank must be a positive integer"
+    r = train(*folder_args(tmp_path, str(folder), *extra), cwd=tmp_path)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    lines = [l for l in r.stderr.strip().splitlines() if l.startswith("offload:")]
+    assert len(lines) == 1 and expect in lines[0] and "Traceback" not in r.stderr, r.stderr[-2000:]
