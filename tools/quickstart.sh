@@ -18,7 +18,7 @@ fi
 if [ ! -f /usr/include/liburing.h ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   (apt-get update -qq && apt-get install -y -qq liburing-dev >/dev/null) || echo "offload: liburing-dev not installed; using the thread-pool store backend" >&2
 fi
-$py -m pip install -q "pybind11>=2.12" setuptools wheel numpy safetensors psutil tqdm transformers
+$py -m pip install -q "pybind11>=2.12" setuptools wheel numpy safetensors psutil tqdm transformers peft
 if [ "$what" = test ]; then
   $py -m pip install -q pytest hypothesis matplotlib
 fi
