@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# A whole GPU-machine session in one call, each part under its own time limit so one that hangs cannot
-# take the rest with it: build, the GPU tests, the trace-overhead benchmark (with the README's timeline
-# picture), the long-context activation benchmark. Logs and results go to $OUT after every part.
-#   OFFLOAD_COMMIT=<hash> bash bench/device_session.sh
+# GPU-machine work in one call, each part under its own time limit so one that hangs cannot take the rest
+# with it; logs and results go to $OUT after every part. PARTS picks and orders them (default: the first
+# three). A call has 10 minutes: about 1 of them starts the machine and builds.
+#   tests        the GPU tests (engine, trace, out-of-memory, device-side AdamW, activations)   ~2 min
+#   trace        trace on vs off on the reference workload, and the README's timeline picture     ~3 min
+#   act          long-context activations: auto vs full recompute (1.35B, seq 32768)             ~3 min
+#   reference    offload vs DeepSpeed ZeRO-3 CPU vs GPU-resident PyTorch, one run                  ~8 min
+#   lora         LoRA rank 16 on the largest preset that fits (bench/lora.py)                      ~5 min
+#   OFFLOAD_COMMIT=<hash> PARTS="tests trace act" bash bench/device_session.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-out}"
@@ -25,11 +30,27 @@ part() {   # part NAME SECONDS CMD...
   [ $rc = 0 ] || status=1
   save
 }
-part tests "${TESTS_S:-200}" bash -c "python3 -m pytest -q -p no:cacheprovider tests/test_engine_gpu.py \
-  tests/test_trace_gpu.py tests/test_device_oom.py tests/test_device_update.py; a=\$?; \
-  python3 -m pytest -q -p no:cacheprovider tests/test_activations.py -k gpu; exit \$((a | \$?))"
-part trace "${TRACE_S:-220}" python3 bench/trace_overhead.py --rounds 1 --steps 4 --warmup 2 \
-  --png "$out/timeline-reference.png" --keep-trace "$out/reference.trace.json"
-part activations "${ACT_S:-170}" python3 bench/activations.py --workloads long-context --policies auto,recompute \
-  --steps 3 --warmup 2 --timeout 80
+deepspeed_env() {   # DeepSpeed's wheels and libaio from .carry (see shared/device/README.md)
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/*.whl >/dev/null 2>&1
+  mkdir -p /tmp/aio && for f in .carry/libaio*.deb; do dpkg -x "$f" /tmp/aio; done
+  ln -sf /tmp/aio/lib/x86_64-linux-gnu/libaio.so.1 /tmp/aio/usr/lib/x86_64-linux-gnu/libaio.so 2>/dev/null
+  export PYTHONPATH="$PYTHONPATH:/tmp/site" CPATH="$CPATH:/tmp/aio/usr/include" TORCH_CUDA_ARCH_LIST=9.0
+  export LIBRARY_PATH="$LIBRARY_PATH:/tmp/aio/usr/lib/x86_64-linux-gnu:/tmp/aio/lib/x86_64-linux-gnu"
+  export LD_LIBRARY_PATH="/tmp/aio/usr/lib/x86_64-linux-gnu:/tmp/aio/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
+}
+for p in ${PARTS:-tests trace act}; do
+  case "$p" in
+    tests) part tests "${TESTS_S:-170}" bash -c "python3 -m pytest -q -p no:cacheprovider tests/test_engine_gpu.py \
+             tests/test_trace_gpu.py tests/test_device_oom.py tests/test_device_update.py; a=\$?; \
+             python3 -m pytest -q -p no:cacheprovider tests/test_activations.py -k gpu; exit \$((a | \$?))" ;;
+    trace) part trace "${TRACE_S:-190}" python3 bench/trace_overhead.py --rounds 1 --steps 4 --warmup 2 \
+             --png "$out/timeline-reference.png" --keep-trace "$out/reference.trace.json" ;;
+    act) part activations "${ACT_S:-170}" python3 bench/activations.py --workloads long-context \
+             --policies auto,recompute --steps 3 --warmup 2 --timeout 80 ;;
+    reference) deepspeed_env; part reference "${REF_S:-480}" python3 bench/reference.py \
+             --systems offload,deepspeed,pytorch --steps 5 --warmup 2 --cpu-memory 100GiB --timeout 200 ;;
+    lora) part lora "${LORA_S:-300}" python3 bench/lora.py ;;
+    *) echo "unknown part $p" >&2; status=2 ;;
+  esac
+done
 exit $status
