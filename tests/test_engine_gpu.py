@@ -216,3 +216,26 @@ def test_device_side_adamw_small_chunks_and_delays_change_nothing(monkeypatch):
         assert r.losses == runs[0].losses
         for k in runs[0].state:
             assert torch.equal(r.state[k], runs[0].state[k]), k
+
+
+def test_close_drains_device_side_adamw_copies(monkeypatch):
+    """close() straight after step(), while device-side AdamW's copies of the states back to the arena are
+    held up on their stream: close() waits for them before it unpins and unmaps the arena (DMA into freed
+    pages otherwise), and the device is healthy afterwards."""
+    model, batches = make_gpt(), token_batches(2)
+    eng = _device_update_engine(copy.deepcopy(model), 1.0, monkeypatch)
+    try:
+        train_engine(eng, batches[:1], device="cuda")
+        store = eng.device_updater.store
+        with torch.cuda.stream(store):
+            torch.cuda._sleep(20 * SLEEP_CYCLES)   # every copy out of this step queues behind it
+        loss = eng(**{k: v.cuda() for k, v in batches[1].items()}).loss
+        eng.backward(loss)
+        assert eng.step()
+        last = torch.cuda.Event()
+        last.record(store)
+    finally:
+        eng.close()
+    assert last.query(), "close() returned while copies into the arena were still queued"
+    torch.cuda.synchronize()
+
