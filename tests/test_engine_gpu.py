@@ -239,3 +239,22 @@ def test_close_drains_device_side_adamw_copies(monkeypatch):
     assert last.query(), "close() returned while copies into the arena were still queued"
     torch.cuda.synchronize()
 
+
+def test_device_tier_update_issues_no_host_sync(tmp_path):
+    """UnitOptimizer.update_device (states on the device) queues its AdamW without a host sync: a step count
+    made by a blocking copy would stall step() once per unit."""
+    import offload
+    from conftest import tier_kwargs
+    model = make_gpt()
+    kw = tier_kwargs(model, "device", tmp_path)
+    with offload.engine(copy.deepcopy(model), optimizer=offload.AdamW(**GPU_HP), device="cuda", dtype=BF16,
+                        **kw) as eng:
+        train_engine(eng, token_batches(1), device="cuda")
+        u = next(u for u in eng.units if u.trainable and u.plan.states_home == "gpu")
+        u.st.has_grad = [True] * len(u.st.has_grad)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            eng.unit_opt.update_device(u, eng.optimizer.hyper(), 1.0)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
