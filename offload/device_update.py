@@ -11,7 +11,8 @@ side streams, and the next forward of the unit waits on a CUDA event, not on the
 
 Per chunk of CHUNK elements, on the `load` stream: copy master/m/v in, run AdamW, write the compute-dtype
 parameters; on the `store` stream: copy master/m/v back out. Two staging buffers alternate, so the copy in
-of chunk k+1 overlaps the copy out of chunk k.
+of chunk k+1 overlaps the copy out of chunk k. The alternation runs on across units (self.k), so a unit of
+one chunk does not wait for the copy out of the unit before it.
 
 Without CUDA (the compute device is the CPU, as in CI) the same schedule runs synchronously with the
 engine's CPU AdamW (exact fp32 parity with torch.optim.AdamW), which is how the bookkeeping is tested.
@@ -41,6 +42,7 @@ class DeviceUpdater:
         self.cuda = device.type == "cuda"
         self.count_moved = count_moved   # (direction, bytes) -> None: the tiers' transfer counters
         self.stages = None
+        self.k = 0    # chunks staged so far: chunk k goes through stage k % STAGES
         if self.cuda:
             self.load = torch.cuda.Stream(device)
             self.store = torch.cuda.Stream(device)
@@ -69,7 +71,7 @@ class DeviceUpdater:
             load.wait_event(grad_ready)
         if st.states_event is not None:   # the previous step's copy out of these states
             load.wait_event(st.states_event)
-        k = 0
+        k = self.k
         host = (st.master, st.exp_avg, st.exp_avg_sq)
         for off, n, step in segments:
             with torch.cuda.stream(load):
@@ -105,5 +107,7 @@ class DeviceUpdater:
             found_inf.record_stream(load)
         done = torch.cuda.Event()
         done.record(load)
-        st.states_event = self.freed[(k - 1) % STAGES] if k else st.states_event
+        if k != self.k:   # the store stream runs in order: the last chunk's copy out is the unit's last
+            st.states_event = self.freed[(k - 1) % STAGES]
+        self.k = k
         return done

@@ -506,14 +506,12 @@ class Engine:
                 if bool(flag):          # its update was skipped: it did not take a step
                     u.st.steps = steps_before
             self.worker.sync()
-            if flagged and not self._poisoned:   # the CPU side did not warn: the first bad unit was here
-                warn_nonfinite(flagged[0].name, self.steps_skipped + 1)
+            if not self._poisoned:   # the CPU AdamW saw only finite gradients, so it did not warn
+                warn_nonfinite(self._first_nonfinite(flagged, dev), self.steps_skipped + 1)
             self.steps_skipped += 1
             for u in dev:
                 self._finish_unit(u)
             self.worker.submit(lambda: setattr(self, "_poisoned", False))
-            if not host:
-                warn_nonfinite(dev[0].name if dev else "?", self.steps_skipped)
             return False
         for u in dev:
             self._update_device(u, hyper, 1.0)
@@ -521,6 +519,16 @@ class Engine:
         self.worker.submit(self.unit_opt.next_step)
         self.steps_applied += 1
         return True
+
+    @staticmethod
+    def _first_nonfinite(flagged, dev):
+        """The unit to name for a skipped eager step the CPU AdamW did not see: the first unit updated on
+        the device with the flag set, else the first, in backward order, of the device-tier units whose
+        gradients are non-finite (a host sync, on this rare path only)."""
+        if flagged:
+            return flagged[0].name
+        bad = [u for u in reversed(dev) if not bool(torch.isfinite(u.st.dgrad).all())]
+        return bad[0].name if bad else "?"
 
     def zero_grad(self, set_to_none=True):
         """Gradients are consumed by each update; kept for drop-in loops."""

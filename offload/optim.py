@@ -249,9 +249,12 @@ class UnitOptimizer:
                 unit_adamw_(st.master[sl], g[sl], st.exp_avg[sl], st.exp_avg_sq[sl], lr=lr, betas=betas, eps=eps,
                        weight_decay=wd, step=step, out=None)
             else:
+                # The step as a fill on the device: torch.tensor(step, device=...) would be a blocking copy from
+                # pageable memory, a host sync per unit in step().
+                step_t = torch.full((), float(step), dtype=torch.float32, device=g.device)
                 torch._fused_adamw_([st.master[sl]], [g[sl]], [st.exp_avg[sl]], [st.exp_avg_sq[sl]], [],
-                                    [torch.tensor(float(step), device=g.device)], lr=lr, beta1=betas[0],
-                                    beta2=betas[1], weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
+                                    [step_t], lr=lr, beta1=betas[0], beta2=betas[1], weight_decay=wd, eps=eps,
+                                    amsgrad=False, maximize=False)
         u.shard.put_train(st.flat, st.master)
         st.stale = self.tiers.comm is not None
 

@@ -483,16 +483,23 @@ class Tiers:
 
     def close(self):
         # wait_all() raises the first failed request (after all have finished): the store and the arena are
-        # released all the same.
+        # released all the same. Copies queued on the side streams may still read or write the arena (a
+        # prefetch from a home, device-side AdamW's copy of the states back, Note [device-side AdamW] in
+        # plan.py): unpinning and unmapping it under them would leave the DMA on freed pages, so the device is
+        # drained first.
         try:
-            if self.store is not None:
-                try:
-                    self.drop_states_ahead()
-                    self.store.wait_all()
-                finally:
-                    self.store.close()
-                    self.store = None
+            if self.cuda:
+                torch.cuda.synchronize(self.device)
         finally:
-            if self.arena is not None:
-                self.arena.close()
-                self.arena = None
+            try:
+                if self.store is not None:
+                    try:
+                        self.drop_states_ahead()
+                        self.store.wait_all()
+                    finally:
+                        self.store.close()
+                        self.store = None
+            finally:
+                if self.arena is not None:
+                    self.arena.close()
+                    self.arena = None

@@ -107,3 +107,28 @@ def test_planner_leaves_cpu_alone_without_room_or_candidates():
     rates = dict(DEFAULT_RATES, cpu_adam_gparams_s=1000.0)     # a CPU far faster than PCIe: nothing to gain
     assign_update_sites(plan, rates, gpu_room=float("inf"))
     assert all(p.update_on == "host" for p in plan.units)
+
+
+def test_fused_adamw_contract():
+    """What DeviceUpdater relies on in torch._fused_adamw_ (checked on its CPU kernel, which reads the flags
+    as the CUDA one does): fp32 lists, a 0-dim fp32 step it does not increment, and a 0-dim fp32 found_inf
+    that, at 1.0, leaves params and moments untouched; a gradient of another dtype is refused, hence the
+    staged fp32 copy of the compute-dtype gradients."""
+    torch.manual_seed(0)
+    p, g, m, v = (torch.randn(1000) for _ in range(4))
+    v = v.abs()
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1, eps=1e-8, amsgrad=False, maximize=False)
+    step = torch.full((), 3.0)
+    before = [t.clone() for t in (p, m, v)]
+    torch._fused_adamw_([p], [g], [m], [v], [], [step], found_inf=torch.ones(()), **kw)
+    assert all(torch.equal(a, b) for a, b in zip((p, m, v), before)) and step.item() == 3.0
+    torch._fused_adamw_([p], [g], [m], [v], [], [step], found_inf=torch.zeros(()), **kw)
+    assert step.item() == 3.0
+    ref = [t.clone().requires_grad_(i == 0) for i, t in enumerate(before)]
+    opt = torch.optim.AdamW([ref[0]], lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    ref[0].grad = g.clone()
+    opt.state[ref[0]] = dict(step=torch.tensor(2.0), exp_avg=ref[1], exp_avg_sq=ref[2])
+    opt.step()
+    torch.testing.assert_close(p, ref[0].detach(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError):
+        torch._fused_adamw_([p], [g.bfloat16()], [m], [v], [], [step], **kw)

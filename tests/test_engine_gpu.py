@@ -216,3 +216,45 @@ def test_device_side_adamw_small_chunks_and_delays_change_nothing(monkeypatch):
         assert r.losses == runs[0].losses
         for k in runs[0].state:
             assert torch.equal(r.state[k], runs[0].state[k]), k
+
+
+def test_close_drains_device_side_adamw_copies(monkeypatch):
+    """close() straight after step(), while device-side AdamW's copies of the states back to the arena are
+    held up on their stream: close() waits for them before it unpins and unmaps the arena (DMA into freed
+    pages otherwise), and the device is healthy afterwards."""
+    model, batches = make_gpt(), token_batches(2)
+    eng = _device_update_engine(copy.deepcopy(model), 1.0, monkeypatch)
+    try:
+        train_engine(eng, batches[:1], device="cuda")
+        store = eng.device_updater.store
+        with torch.cuda.stream(store):
+            torch.cuda._sleep(20 * SLEEP_CYCLES)   # every copy out of this step queues behind it
+        loss = eng(**{k: v.cuda() for k, v in batches[1].items()}).loss
+        eng.backward(loss)
+        assert eng.step()
+        last = torch.cuda.Event()
+        last.record(store)
+    finally:
+        eng.close()
+    assert last.query(), "close() returned while copies into the arena were still queued"
+    torch.cuda.synchronize()
+
+
+def test_device_tier_update_issues_no_host_sync(tmp_path):
+    """UnitOptimizer.update_device (states on the device) queues its AdamW without a host sync: a step count
+    made by a blocking copy would stall step() once per unit."""
+    import offload
+    from conftest import tier_kwargs
+    model = make_gpt()
+    kw = tier_kwargs(model, "device", tmp_path)
+    with offload.engine(copy.deepcopy(model), optimizer=offload.AdamW(**GPU_HP), device="cuda", dtype=BF16,
+                        **kw) as eng:
+        train_engine(eng, token_batches(1), device="cuda")
+        u = next(u for u in eng.units if u.trainable and u.plan.states_home == "gpu")
+        u.st.has_grad = [True] * len(u.st.has_grad)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            eng.unit_opt.update_device(u, eng.optimizer.hyper(), 1.0)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)

@@ -358,6 +358,58 @@ def _ckpt_moments(d):
     return out
 
 
+class _InfWeightGrad(torch.autograd.Function):
+    """x * w whose gradient for w is inf, for x finite: poisons one unit's gradients and no other's."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(w)
+        return x * w
+
+    @staticmethod
+    def backward(ctx, g):
+        (w,) = ctx.saved_tensors
+        return g * w, torch.full_like(w, float("inf"))
+
+
+class _GatedMLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate = torch.nn.Parameter(torch.ones(32))
+        self.net = torch.nn.Sequential(*[torch.nn.Linear(32, 32) for _ in range(4)], torch.nn.Linear(32, 8))
+        self.poison = False
+
+    def forward(self, x, y):
+        x = _InfWeightGrad.apply(x, self.gate) if self.poison else x * self.gate
+        pred = self.net(x)
+        return torch.nn.functional.mse_loss(pred, y)
+
+
+def test_nonfinite_gradient_of_device_tier_unit_warns():
+    """Eager mode, the only non-finite gradients in a unit whose states are on the compute device, beside
+    units with arena states (whose CPU AdamW sees finite gradients and does not warn): step() still warns,
+    naming that unit, and counts the skipped step."""
+    torch.manual_seed(0)
+    model = _GatedMLP()
+    n = sum(p.numel() for p in model.parameters())
+    batches = mlp_batches(2)
+    with offload.engine(model, optimizer=offload.AdamW(**HP), device="cpu", dtype=torch.float32,
+                        gpu_memory=4 * n + (1 << 16), cpu_memory=None) as eng:
+        homes = {u.name: u.plan.states_home for u in eng.units if u.trainable}
+        assert homes["<root>"] == "gpu" and "cpu" in homes.values(), homes
+        eng.backward(eng(**batches[0]))
+        assert eng.step()
+        model.poison = True
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            eng.backward(eng(**batches[1]))
+            assert eng.step() is False
+            eng.sync()
+        msgs = [str(x.message) for x in w if issubclass(x.category, RuntimeWarning)]
+        assert len(msgs) == 1 and msgs[0].startswith("non-finite gradient in unit <root>:"), msgs
+        assert eng.steps_skipped == 1 and eng.steps_applied == 1
+
+
 @pytest.mark.parametrize("clip", [None, float("inf")])
 def test_nonfinite_gradient_step_skipped_and_counted(tmp_path, clip):
     """A step with a non-finite loss is skipped: step() returns False, steps_skipped counts it, a
