@@ -16,6 +16,7 @@ with the steps it finished.
 """
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -107,6 +108,8 @@ def timed_steps(a, step_fn, counters=None):
     per timed step."""
     times, losses = [], []
     data = batches(a, a.device)
+    if a.same_batch:      # one batch every step: the loss must fall (bench/scale.py checks that it does)
+        data = data[:1]
     counters = counters if a.device == "cuda" else None
     for i in range(a.warmup + a.steps):
         if counters is not None and i == a.warmup:
@@ -299,7 +302,37 @@ def floors(a, rates, moved=None):
     return f
 
 
-def main(argv=None):
+def run_worker(cmd, env, timeout, stream=False):
+    """Runs a worker; returns (its stdout and stderr, whether it was killed at timeout seconds). stream: echo
+    its lines as they come (long runs show progress); otherwise the caller prints the tail."""
+    import threading
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    lines = []
+
+    def pump():
+        for line in proc.stdout:
+            lines.append(line)
+            if stream:
+                print("  | " + line, end="", flush=True)
+    t = threading.Thread(target=pump, daemon=True)
+    t.start()
+    try:
+        proc.wait(timeout=timeout)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        timed_out = True
+    t.join(timeout=10)
+    out = "".join(lines)
+    if timed_out:
+        out += f"\nTIMEOUT after {timeout} s"
+    return out, timed_out
+
+
+def main(argv=None, extra=None, save=True):
+    """Runs each of --systems in its own worker and records a row for each (extra: fields added to every
+    row; save=False: the caller records them); returns the rows, a failed run's with its "status"."""
     p = argparse.ArgumentParser()
     p.add_argument("--systems", default="offload,pytorch,deepspeed")
     p.add_argument("--worker", default=None)
@@ -326,6 +359,8 @@ def main(argv=None):
                    help="random: build on the meta device and let the engine initialise (RandomInit)")
     p.add_argument("--measure-disk", action="store_true", help="measure the disk rate on --nvme in this run")
     p.add_argument("--rates", default=None, help="JSON of rates measured by the caller (skips measuring)")
+    p.add_argument("--same-batch", action="store_true", help="train on one batch every step (the loss must fall)")
+    p.add_argument("--stream", action="store_true", help="echo the workers' output as it comes")
     a = p.parse_args(argv)
     if a.worker:
         return worker(a)
@@ -344,28 +379,22 @@ def main(argv=None):
         if system == "deepspeed":
             env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29511")
         print(f"== {system}: {' '.join(cmd)}", flush=True)
-        timed_out = False
-        try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=a.timeout)
-            out = proc.stdout + proc.stderr
-        except subprocess.TimeoutExpired as e:
-            out = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr))
-            out += f"\nTIMEOUT after {a.timeout} s"
-            timed_out = True
-        print("\n".join(out.splitlines()[-40:]), flush=True)
+        out, timed_out = run_worker(cmd, env, a.timeout, a.stream)
+        if not a.stream:
+            print("\n".join(out.splitlines()[-40:]), flush=True)
         if os.environ.get("OUT"):
             with open(os.path.join(os.environ["OUT"], f"{a.bench}-{system}.log"), "w") as f:
                 f.write(out)
         res = next((json.loads(l[7:]) for l in out.splitlines() if l.startswith("RESULT ")), None)
         if res is None:
             done = [l.split() for l in out.splitlines() if l.startswith("  step ")]   # "  step i: T s loss L"
-            record({"bench": a.bench, "system": system, "status": "timeout" if timed_out else "failed",
+            fail = ({**(extra or {}), "bench": a.bench, "system": system, "status": "timeout" if timed_out else "failed",
                     "error": out.strip().splitlines()[-1][:300] if out.strip() else "no output",
                     "timeout_s": a.timeout, "step_times": [float(d[2]) for d in done],
                     "losses": [float(d[5]) for d in done], "params_B": round(n_params(a) / 1e9, 3),
                     "cpu_memory": a.cpu_memory, "nvme": a.nvme, "mb": a.mb, "seq": a.seq,
-                    "rates": {k: round(v, 2) for k, v in rates.items()}})
-            rows.append(None)
+                    "rates": {k: round(v, 2) for k, v in rates.items()}, "run": run_id()})
+            rows.append(record(fail) if save else fail)
             continue
         a.steps_total = a.steps + a.warmup
         step_s = statistics.median(res["times"])
@@ -388,9 +417,13 @@ def main(argv=None):
                   "steady_state_growth_per_step"):
             if k in res:
                 row[k] = res[k]
-        rows.append(record(row))
+        if a.same_batch:
+            row["loss_falling"] = all(math.isfinite(x) for x in res["losses"]) and all(
+                y < x for x, y in zip(res["losses"], res["losses"][1:]))
+        row = {**row, **(extra or {})}
+        rows.append(record(row) if save else row)
         print(json.dumps(row), flush=True)
-    rows_ok = [r for r in rows if r is not None]
+    rows_ok = [r for r in rows if "status" not in r]
     base = {r["system"]: r["step_s"] for r in rows_ok}
     if "offload" in base:
         for k, v in base.items():
