@@ -152,6 +152,15 @@ def main(argv=None):
           f"{psutil.virtual_memory().available / 2**30:.1f} GiB), disk free {free / 2**30:.1f} GiB "
           f"on {', '.join(a.nvme)}; rates: " + json.dumps({k: round(v, 2) for k, v in r.items()
                                                              if isinstance(v, (int, float))}), flush=True)
+    avail = psutil.virtual_memory().available
+    if cpu_b + RSS_OVERHEAD_GIB * 2**30 > avail and not tiny:
+        why = (f"--cpu-memory {cpu_b / 2**30:.1f} GiB plus {RSS_OVERHEAD_GIB} GiB of overhead is more than the "
+               f"{avail / 2**30:.1f} GiB available: the run would be OOM-killed; lower --cpu-memory")
+        print(why, flush=True)
+        if not a.dry_run:
+            from record import record
+            record({"bench": "scale", "system": "offload", "status": "failed", "error": why})
+            return 1
     names = a.sizes.split(",") if a.sizes else list(TINY if a.preset == "tiny" else SIZES)
     est = []
     for name in names:
