@@ -140,7 +140,7 @@ def main(argv=None):
             print(f"== {name}: predicted {pred.step_s:.3f} s ({pred.bottleneck}; "
                   + ", ".join(f"{k} {v:.3f}" for k, v in pred.resource_s.items())
                   + f", CPU AdamW starts at {pred.cpu_start_s:.3f}), activations {act.policy}", flush=True)
-            base.update(predicted_step_s=round(pred.step_s, 4), bottleneck_predicted=pred.bottleneck,
+            base.update(predicted_step_s=round(pred.step_s, 6), bottleneck_predicted=pred.bottleneck,
                         resource_s={k: round(v, 4) for k, v in pred.resource_s.items()},
                         cpu_start_s=round(pred.cpu_start_s, 4), activations_predicted=act.policy,
                         plan_bytes_predicted=dict(plan.bytes))
@@ -163,7 +163,7 @@ def main(argv=None):
             step = statistics.median(res["times"])
             err = 100 * (pred.step_s - step) / step
             errors.append(abs(err))
-            row = dict(base, step_s=round(step, 4), error_pct=round(err, 1), within_15pct=abs(err) <= 15,
+            row = dict(base, step_s=round(step, 6), error_pct=round(err, 1), within_15pct=abs(err) <= 15,
                        step_times=[round(t, 3) for t in res["times"]], losses=[round(x, 4) for x in res["losses"]],
                        plan_bytes=res.get("plan_bytes"), placement_matches=res.get("plan_bytes") == dict(plan.bytes),
                        moved_steps=res.get("moved_steps"), setup_s=res.get("setup_s"),
