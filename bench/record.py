@@ -14,8 +14,10 @@ import sys
 import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS_JSONL = os.path.join(HERE, "results.jsonl")
-RESULTS_MD = os.path.join(HERE, "RESULTS.md")
+# OFFLOAD_BENCH_RESULTS: another directory for both files (tests run the scripts' small modes there)
+RESULTS_DIR = os.environ.get("OFFLOAD_BENCH_RESULTS") or HERE
+RESULTS_JSONL = os.path.join(RESULTS_DIR, "results.jsonl")
+RESULTS_MD = os.path.join(RESULTS_DIR, "RESULTS.md")
 _RUN_ID = os.environ.get("OFFLOAD_BENCH_RUN") or uuid.uuid4().hex[:12]
 
 

@@ -8,9 +8,15 @@ attention, no recompute), peak_gpu_gib, host_rss_gib, floors from rates measured
 
   python bench/reference.py --systems offload,pytorch,deepspeed --steps 8 --warmup 2
   python bench/reference.py --systems offload --cpu-memory 16GiB --nvme /tmp/offload-nvme --bench reference-3.37b-nvme
+
+--device cpu runs the offload worker on the CPU (tiny sizes: how CI tests the scripts built on this one);
+--weights random builds the model on the meta device and lets the engine initialise it (RandomInit), so
+the host never holds a whole-model copy. A worker killed by --timeout still leaves a row: status "timeout"
+with the steps it finished.
 """
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -54,6 +60,21 @@ def build(a, dtype):
     return model
 
 
+def _sync(a):
+    import torch
+    if a.device == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_rss_gib():
+    """Peak resident set of this process (VmHWM), GiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def batches(a, device):
     import torch
     g = torch.Generator().manual_seed(1)
@@ -62,6 +83,8 @@ def batches(a, device):
 
 def cap_gpu(a):
     import torch
+    if a.device != "cuda":
+        return
     total = torch.cuda.get_device_properties(0).total_memory
     if a.gpu_cap:
         torch.cuda.set_per_process_memory_fraction(min(1.0, a.gpu_cap * 2**30 / total))
@@ -83,17 +106,19 @@ def steady_state_counters():
 def timed_steps(a, step_fn, counters=None):
     """Times warm-up + steps; with counters (a dict), fills it with the growth of steady_state_counters()
     per timed step."""
-    import torch
     times, losses = [], []
-    data = batches(a, "cuda")
+    data = batches(a, a.device)
+    if a.same_batch:      # one batch every step: the loss must fall (bench/scale.py checks that it does)
+        data = data[:1]
+    counters = counters if a.device == "cuda" else None
     for i in range(a.warmup + a.steps):
         if counters is not None and i == a.warmup:
-            torch.cuda.synchronize()
+            _sync(a)
             before = steady_state_counters()
-        torch.cuda.synchronize()
+        _sync(a)
         t = time.perf_counter()
         loss = step_fn(data[i % len(data)])
-        torch.cuda.synchronize()
+        _sync(a)
         times.append(time.perf_counter() - t)
         losses.append(float(loss))
         print(f"  step {i}: {times[-1]:.3f} s loss {losses[-1]:.4f}", flush=True)
@@ -107,13 +132,23 @@ def run_offload(a):
     import torch
     import offload
     cap_gpu(a)
-    model = build(a, torch.bfloat16)
+    weights = None
+    if a.weights == "random":
+        from transformers import LlamaForCausalLM
+        from offload.weights import RandomInit
+        with torch.device("meta"):
+            model = LlamaForCausalLM(model_config(a))
+        weights = RandomInit()
+    else:
+        model = build(a, torch.bfloat16 if a.device == "cuda" else torch.float32)
     t = time.perf_counter()
     eng = offload.engine(model, optimizer=offload.AdamW(lr=a.lr, weight_decay=0.0), gpu_memory=f"{a.gpu_cap}GiB",
                          cpu_memory=a.cpu_memory, nvme=a.nvme, activations=_policy(a.activations),
-                         trace=a.trace)
+                         trace=a.trace, device=a.device, weights=weights)
     setup_s = time.perf_counter() - t
     print(eng.plan, flush=True)
+    print(f"setup {setup_s:.1f} s", flush=True)
+    moved_setup = dict(eng.tiers.moved)
 
     def step(x):
         out = eng(input_ids=x, labels=x)
@@ -126,6 +161,7 @@ def run_offload(a):
     print(eng.plan, flush=True)   # again: "auto" writes its per-block choice after the first step
     extra = {"act_plan": [n for n in eng.plan.notes if n.startswith("activations")], "setup_s": round(setup_s, 1),
              "steady_state_growth_per_step": growth, "plan_bytes": eng.plan.bytes, "moved": eng.tiers.moved,
+             "moved_steps": {k: v - moved_setup.get(k, 0) for k, v in eng.tiers.moved.items()},
              "predicted_step_s": eng.plan.predicted_step_s, "bottleneck_planned": eng.plan.bottleneck}
     eng.close()
     return times, losses, extra
@@ -184,18 +220,34 @@ def run_deepspeed(a):
 def worker(a):
     import torch
     fn = {"offload": run_offload, "pytorch": run_pytorch, "deepspeed": run_deepspeed}[a.worker]
-    torch.cuda.reset_peak_memory_stats()
+    cuda = a.device == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     times, losses, extra = fn(a)
     res = {"system": a.worker, "times": times, "losses": losses,
-           "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30,
-           "host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, **extra}
+           "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+           "host_rss_gib": peak_rss_gib(), **extra}
     print("RESULT " + json.dumps(res), flush=True)
 
 
-def measure_rates():
-    """Rates of this machine measured now: PCIe (pinned), bf16 GEMM, CPU AdamW (native)."""
+def measure_rates(device="cuda", nvme=None):
+    """Rates of this machine measured now: PCIe (pinned), bf16 GEMM, CPU AdamW (native), and with nvme the
+    disk through offload's store on its first path (offload.probe.disk_rates: best over queue depths; disk_gb_s
+    is the harmonic mean of read and write, the rate of the equal mix a step moves). On the CPU only AdamW
+    (and the disk), on a small buffer."""
     import torch
     r = {}
+    if nvme:
+        from offload.probe import disk_rates
+        by_depth, direct = disk_rates(nvme[0], (256 if device == "cuda" else 16) << 20)
+        r["disk_read_gb_s"] = max(x for x, _ in by_depth.values())
+        r["disk_write_gb_s"] = max(w for _, w in by_depth.values())
+        r["disk_gb_s"] = 2 / (1 / r["disk_read_gb_s"] + 1 / r["disk_write_gb_s"])
+        r["disk_o_direct"] = float(direct)
+    if device != "cuda":
+        from offload.probe import adam_native_rate
+        r["cpu_adam_gparams_s"] = adam_native_rate(1 << 20)    # no GPU: no PCIe or GEMM rate, no such floors
+        return r
     n = 1 << 30
     h = torch.empty(n, dtype=torch.uint8, pin_memory=True)
     d = torch.empty(n, dtype=torch.uint8, device="cuda")
@@ -235,15 +287,52 @@ def floors(a, rates, moved=None):
     P = n_params(a)
     tokens = a.mb * a.seq
     flops_recompute = 8 * P * tokens + 16 * a.layers * a.hidden * a.seq * tokens
-    f = {"gpu_s": flops_recompute / (rates["gemm_tflops"] * 1e12),
-         "pcie_s": 3 * 2 * P / (min(rates["h2d_gb_s"], rates["d2h_gb_s"]) * 1e9),
-         "cpu_adam_s": P / (rates["cpu_adam_gparams_s"] * 1e9)}
+    f = {"cpu_adam_s": P / (rates["cpu_adam_gparams_s"] * 1e9)}
+    if rates.get("gemm_tflops"):
+        f["gpu_s"] = flops_recompute / (rates["gemm_tflops"] * 1e12)
+    if rates.get("h2d_gb_s") and rates.get("d2h_gb_s"):
+        f["pcie_s"] = 3 * 2 * P / (min(rates["h2d_gb_s"], rates["d2h_gb_s"]) * 1e9)
     if moved and (moved.get("disk_read") or moved.get("disk_write")) and rates.get("disk_gb_s"):
-        f["disk_s"] = (moved["disk_read"] + moved["disk_write"]) / a.steps_total / (rates["disk_gb_s"] * 1e9)
+        # moved: bytes over the warm-up and timed steps (the worker's moved_steps, setup excluded)
+        if rates.get("disk_read_gb_s") and rates.get("disk_write_gb_s"):
+            sec = moved["disk_read"] / (rates["disk_read_gb_s"] * 1e9) + moved["disk_write"] / (rates["disk_write_gb_s"] * 1e9)
+        else:
+            sec = (moved["disk_read"] + moved["disk_write"]) / (rates["disk_gb_s"] * 1e9)
+        f["disk_s"] = sec / a.steps_total
     return f
 
 
-def main():
+def run_worker(cmd, env, timeout, stream=False):
+    """Runs a worker; returns (its stdout and stderr, whether it was killed at timeout seconds). stream: echo
+    its lines as they come (long runs show progress); otherwise the caller prints the tail."""
+    import threading
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    lines = []
+
+    def pump():
+        for line in proc.stdout:
+            lines.append(line)
+            if stream:
+                print("  | " + line, end="", flush=True)
+    t = threading.Thread(target=pump, daemon=True)
+    t.start()
+    try:
+        proc.wait(timeout=timeout)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        timed_out = True
+    t.join(timeout=10)
+    out = "".join(lines)
+    if timed_out:
+        out += f"\nTIMEOUT after {timeout} s"
+    return out, timed_out
+
+
+def main(argv=None, extra=None, save=True):
+    """Runs each of --systems in its own worker and records a row for each (extra: fields added to every
+    row; save=False: the caller records them); returns the rows, a failed run's with its "status"."""
     p = argparse.ArgumentParser()
     p.add_argument("--systems", default="offload,pytorch,deepspeed")
     p.add_argument("--worker", default=None)
@@ -264,43 +353,53 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--trace", default=None)
     p.add_argument("--disk-gb-s", type=float, default=None, help="measured disk rate for the disk floor")
-    p.add_argument("--timeout", type=int, default=900)
-    a = p.parse_args()
+    p.add_argument("--timeout", type=int, default=900, help="seconds per system (its worker process)")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: offload worker only, tiny sizes")
+    p.add_argument("--weights", default="materialise", choices=("materialise", "random"),
+                   help="random: build on the meta device and let the engine initialise (RandomInit)")
+    p.add_argument("--measure-disk", action="store_true", help="measure the disk rate on --nvme in this run")
+    p.add_argument("--rates", default=None, help="JSON of rates measured by the caller (skips measuring)")
+    p.add_argument("--same-batch", action="store_true", help="train on one batch every step (the loss must fall)")
+    p.add_argument("--stream", action="store_true", help="echo the workers' output as it comes")
+    a = p.parse_args(argv)
     if a.worker:
         return worker(a)
     from record import record, run_id
-    rates = measure_rates()
+    rates = json.loads(a.rates) if a.rates else measure_rates(a.device, a.nvme if a.measure_disk else None)
     if a.disk_gb_s:
         rates["disk_gb_s"] = a.disk_gb_s
     print("rates:", json.dumps({k: round(v, 2) for k, v in rates.items()}), flush=True)
     rows = []
     for system in a.systems.split(","):
-        argv = sys.argv[1:]
-        keep = [x for i, x in enumerate(argv) if not (x.startswith("--systems") or (i and argv[i - 1] == "--systems"))]
+        argv = sys.argv[1:] if argv is None else list(argv)
+        keep = [x for i, x in enumerate(argv) if not (x.split("=")[0] in ("--systems", "--rates")
+                                                      or (i and argv[i - 1] in ("--systems", "--rates")))]
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", system] + keep
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if system == "deepspeed":
             env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29511")
         print(f"== {system}: {' '.join(cmd)}", flush=True)
-        try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=a.timeout)
-            out = proc.stdout + proc.stderr
-        except subprocess.TimeoutExpired as e:
-            out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-            out += "\nTIMEOUT"
-        print("\n".join(out.splitlines()[-40:]), flush=True)
+        out, timed_out = run_worker(cmd, env, a.timeout, a.stream)
+        if not a.stream:
+            print("\n".join(out.splitlines()[-40:]), flush=True)
         if os.environ.get("OUT"):
             with open(os.path.join(os.environ["OUT"], f"{a.bench}-{system}.log"), "w") as f:
                 f.write(out)
         res = next((json.loads(l[7:]) for l in out.splitlines() if l.startswith("RESULT ")), None)
         if res is None:
-            record({"bench": a.bench, "system": system, "status": "failed",
-                    "error": out.strip().splitlines()[-1][:300] if out.strip() else "no output"})
+            done = [l.split() for l in out.splitlines() if l.startswith("  step ")]   # "  step i: T s loss L"
+            fail = ({**(extra or {}), "bench": a.bench, "system": system, "status": "timeout" if timed_out else "failed",
+                    "error": out.strip().splitlines()[-1][:300] if out.strip() else "no output",
+                    "timeout_s": a.timeout, "step_times": [float(d[2]) for d in done],
+                    "losses": [float(d[5]) for d in done], "params_B": round(n_params(a) / 1e9, 3),
+                    "cpu_memory": a.cpu_memory, "nvme": a.nvme, "mb": a.mb, "seq": a.seq,
+                    "rates": {k: round(v, 2) for k, v in rates.items()}, "run": run_id()})
+            rows.append(record(fail) if save else fail)
             continue
         a.steps_total = a.steps + a.warmup
         step_s = statistics.median(res["times"])
         tokens = a.mb * a.seq
-        fl = floors(a, rates, res.get("moved"))
+        fl = floors(a, rates, res.get("moved_steps") or res.get("moved"))
         largest = max(fl, key=fl.get)
         row = {"bench": a.bench, "system": {"deepspeed": "deepspeed-zero3-cpu-" + ("nvme" if a.nvme else "cpu"),
                                             "pytorch": "pytorch-gpu-resident"}.get(system, system),
@@ -313,16 +412,24 @@ def main():
                "losses": [round(x, 4) for x in res["losses"]], "step_times": [round(x, 3) for x in res["times"]],
                "gpu_cap_gib": a.gpu_cap if system != "pytorch" else None, "cpu_memory": a.cpu_memory,
                "activations": a.activations if system == "offload" else None}
-        for k in ("setup_s", "plan_bytes", "moved", "predicted_step_s", "act_plan", "steady_state_growth_per_step"):
+        row.update(mb=a.mb, seq=a.seq, nvme=a.nvme)
+        for k in ("setup_s", "plan_bytes", "moved", "moved_steps", "predicted_step_s", "act_plan",
+                  "steady_state_growth_per_step"):
             if k in res:
                 row[k] = res[k]
-        rows.append(record(row))
+        if a.same_batch:
+            row["loss_falling"] = all(math.isfinite(x) for x in res["losses"]) and all(
+                y < x for x, y in zip(res["losses"], res["losses"][1:]))
+        row = {**row, **(extra or {})}
+        rows.append(record(row) if save else row)
         print(json.dumps(row), flush=True)
-    base = {r["system"]: r["step_s"] for r in rows}
+    rows_ok = [r for r in rows if "status" not in r]
+    base = {r["system"]: r["step_s"] for r in rows_ok}
     if "offload" in base:
         for k, v in base.items():
             if k != "offload":
                 print(f"offload vs {k}: {v / base['offload']:.2f}x", flush=True)
+    return rows
 
 
 if __name__ == "__main__":

@@ -244,6 +244,9 @@ def _plan_parser(sub):
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: the config's context length)")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--clip", type=float, default=None, help="global gradient-norm clipping (as train --clip: it "
+                                                             "keeps every unit's AdamW on the CPU)")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="the compute device (default cuda)")
     p.set_defaults(func=cmd_plan)
 
 
@@ -255,7 +258,10 @@ def _budget(value, prof, key, flag):
     raise ConfigError(f"{flag} is required (or a --machine profile with {key})")
 
 
-def cmd_plan(args):
+def plan_from_args(args):
+    """The plan `offload plan` prints: plan.engine_placement (through plan_for_batch with --batch), the
+    function offload.engine() places with, so it is the plan a run with these budgets gets. Returns (Plan,
+    ActivationPlan or None, ModelShape, rates, config, itemsize, units)."""
     from . import plan as planmod
     from .groups import split_units
     from .model_config import build_meta_model, load_config, model_shape
@@ -272,20 +278,25 @@ def cmd_plan(args):
     model = build_meta_model(config)
     units = split_units(model)
     shape = model_shape(model, units, args.seq)
-    kw = dict(itemsize=itemsize, device="cuda", gpu_budget=gpu_b, cpu_budget=cpu_b, nvme=nvme,
-              grad_accum=args.grad_accum, activations="auto")
+    rates = dict(planmod.DEFAULT_RATES, **{k: v for k, v in prof.items() if v is not None})
+    kw = dict(itemsize=itemsize, device=args.device, gpu_budget=gpu_b, cpu_budget=cpu_b, nvme=nvme,
+              grad_accum=args.grad_accum, activations="auto", rates=rates, eager=args.clip is None)
     if args.batch is None:
-        from .engine import ACTIVATION_SHARE
-        plan, act = planmod.plan_placement(units, act_reserve=int(gpu_b * ACTIVATION_SHARE), **kw), None
+        plan, act = planmod.engine_placement(units, **kw), None
     else:
-        rates = dict(planmod.DEFAULT_RATES, **{k: v for k, v in prof.items() if v is not None})
-        plan, act = planmod.plan_for_batch(units, shape, args.batch, rates=rates, micro_batches=args.grad_accum, **kw)
+        plan, act = planmod.plan_for_batch(units, shape, args.batch, micro_batches=args.grad_accum, **kw)
         for u in plan.units:
             if u.activations != "keep":
                 u.activations = act.policy
+    return plan, act, shape, rates, config, itemsize, units
+
+
+def cmd_plan(args):
+    from . import plan as planmod
+
+    plan, act, shape, rates, config, itemsize, units = plan_from_args(args)
     print(f"model: {config.model_type}, {shape.params / 1e9:.2f} B parameters ({shape.layers} layers, hidden "
           f"{shape.hidden}, {shape.heads} heads, vocab {shape.vocab}), {args.dtype}")
-    rates = dict(planmod.DEFAULT_RATES, **{k: v for k, v in prof.items() if v is not None})
     if act is None or not rates.get("gpu_tflops"):
         plan.predicted_step_s, plan.bottleneck, plan.resource_s = planmod.predict_state_traffic(
             units, plan.units, itemsize, rates)
@@ -304,9 +315,13 @@ def cmd_plan(args):
              "pcie": f"at {rates['pcie_gb_s']:.1f} GB/s", "disk": "at "
              + (f"{rates['disk_read_gb_s']:.1f} GB/s read, {rates['disk_write_gb_s']:.1f} GB/s write"
                 if rates.get("disk_read_gb_s") and rates.get("disk_write_gb_s") else f"{rates['disk_gb_s']:.1f} GB/s"),
-             "cpu_adam": f"at {rates['cpu_adam_gparams_s']:.2f} G elements/s"}
+             "cpu_adam": f"at {rates['cpu_adam_gparams_s']:.2f} G elements/s, sharing host memory with the "
+                         f"optimizer's copies"}
     for k, v in pred.resource_s.items():
         print(f"  {k:<9}{v:>10.3f} s  {notes[k]}")
+    if pred.cpu_start_s:
+        print(f"  the CPU AdamW starts {pred.cpu_start_s:.3f} s into the step, when the first gradients it updates "
+              f"land in backward: {pred.cpu_start_s + pred.resource_s['cpu_adam']:.3f} s")
     print(f"predicted step {pred.step_s:.3f} s, bound by {pred.bottleneck}: {tokens / pred.step_s:,.0f} tokens/s, "
           f"{pred.model_tflops:.1f} model TFLOPS (6NT + attention), {pred.hardware_tflops:.1f} with recompute")
     return 0

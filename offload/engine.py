@@ -16,9 +16,8 @@ from .groups import split_units
 from .oom import device_memory_guard
 from .optim import AdamW, UnitOptimizer, Worker, finite, warn_nonfinite
 from . import plan as plan_mod
-from .device_update import DeviceUpdater, chunk_elems, staging_bytes
+from .device_update import DeviceUpdater, chunk_elems
 from .machine import machine_rates
-from .plan import assign_update_sites, plan_placement
 from .profiler import Profiler
 from .shard import current_comm
 from .sizes import fmt_bytes, parse_size
@@ -26,7 +25,7 @@ from .stream import Streamer
 from .tiers import KIND_D2H, KIND_OPTIM, Tiers
 from .weights import Folder, load_units, materialise_buffers, open_source
 
-ACTIVATION_SHARE = 0.4   # of gpu_memory, on CUDA, kept free for activations and temporaries
+ACTIVATION_SHARE = plan_mod.ACTIVATION_SHARE   # of gpu_memory, on CUDA, kept for activations (plan.py)
 
 
 def engine(model, *, optimizer=None, device=None, dtype=None, gpu_memory=None, cpu_memory=None, nvme=None,
@@ -156,9 +155,8 @@ class Engine:
             materialise_buffers(model, self.weights)
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         # Until the planner knows batch and sequence, a share of the device budget is kept for activations.
-        act_reserve = int(gpu_b * ACTIVATION_SHARE) if (self.device.type == "cuda" and gpu_b) else 0
-        self.act_reserve = act_reserve
-        self.plan = self._place(gpu_b, cpu_b, nvme_paths, activations, act_reserve, itemsize, shards)
+        self.plan = self._place(gpu_b, cpu_b, nvme_paths, activations, itemsize, shards)
+        self.act_reserve = self.plan.act_reserve
         self.plan.budgets["nvme"] = None
         if nvme_paths and self.plan.bytes["nvme"]:
             self._check_disk_space(nvme_paths)
@@ -179,32 +177,13 @@ class Engine:
             self.close()
             raise
 
-    def _place(self, gpu_b, cpu_b, nvme_paths, activations, act_reserve, itemsize, shards):
-        """plan_placement, with room for device-side AdamW's staging buffers kept beside the activations
-        (so states placed on the device cannot crowd it out) where it applies and the budget allows, and
-        then the share of AdamW each side runs (Note [device-side AdamW] in plan.py)."""
-        kw = dict(itemsize=itemsize, device=str(self.device), gpu_budget=gpu_b, cpu_budget=cpu_b,
-                  nvme=nvme_paths, grad_accum=self.grad_accum, activations=activations, shards=shards)
-        staging = self._update_staging_bytes()
-        if staging is not None:
-            try:
-                plan = plan_placement(self.units, act_reserve=act_reserve + staging, **kw)
-            except BudgetError:
-                staging = None      # too tight for the staging buffers: AdamW stays on the CPU
-        if staging is None:
-            return plan_placement(self.units, act_reserve=act_reserve, **kw)
-        assign_update_sites(plan, machine_rates(self.device), gpu_room=staging, share=plan_mod.DEVICE_UPDATE_SHARE)
-        return plan
-
-    def _update_staging_bytes(self):
-        """Device bytes for device-side AdamW, or None where it does not apply: it needs each unit's update to
-        run as soon as that unit's gradients are complete, so no clipping (which needs every gradient first)
-        and no accumulation window; and a GPU, unless a test forces a share on the CPU."""
-        if self.mode != "eager" or self.grad_accum != 1 or self.comm is not None:
-            return None     # (with several ranks each rank's slice goes through the reduce-scatter path)
-        if self.device.type != "cuda":
-            return 0 if plan_mod.DEVICE_UPDATE_SHARE is not None else None
-        return staging_bytes(chunk_elems(max((u.numel_train for u in self.units), default=1)))
+    def _place(self, gpu_b, cpu_b, nvme_paths, activations, itemsize, shards):
+        """plan.engine_placement: the activation reserve, device-side AdamW where it applies, the share of
+        AdamW each side runs; `offload plan` calls the same function, so it prints the plan a run gets."""
+        return plan_mod.engine_placement(
+            self.units, itemsize=itemsize, device=str(self.device), gpu_budget=gpu_b, cpu_budget=cpu_b,
+            nvme=nvme_paths, grad_accum=self.grad_accum, activations=activations, shards=shards,
+            eager=self.mode == "eager", sharded=self.comm is not None, rates=lambda: machine_rates(self.device))
 
     def _check_disk_space(self, paths):
         need = self.plan.bytes["nvme"] * (self.comm.local_world if self.comm else 1)   # ranks share the disks

@@ -61,6 +61,7 @@ class Plan:
     resource_s: dict = field(default_factory=dict)
     itemsize: int = 2
     compute_included: bool = False
+    act_reserve: int = 0      # device bytes kept for activations (engine_placement)
 
     def predict(self, tokens_per_step, rates, shape, act=None, micro_batches=1):
         """Prices a step with compute (Note [step-time model]); updates predicted_step_s, bottleneck and
@@ -251,6 +252,46 @@ def plan_placement(units, *, itemsize, device, gpu_budget, cpu_budget, nvme, gra
 
 
 DEVICE_UPDATE_SHARE = None   # None: the planner balances CPU and device-side AdamW (tests force a share)
+ACTIVATION_SHARE = 0.4   # of gpu_memory, on CUDA, kept free for activations and temporaries
+
+
+def update_staging_bytes(units, device, *, eager, grad_accum, sharded=False):
+    """Device bytes for device-side AdamW's staging, or None where it does not apply: it needs each unit's
+    update to run as soon as that unit's gradients are complete, so no clipping (eager=False: it needs every
+    gradient first) and no accumulation window; not with several ranks (each rank's slice goes through the
+    reduce-scatter path); and a GPU, unless a test forces a share (DEVICE_UPDATE_SHARE) on the CPU."""
+    if not eager or grad_accum != 1 or sharded:
+        return None
+    if not str(device).startswith("cuda"):
+        return 0 if DEVICE_UPDATE_SHARE is not None else None
+    from .device_update import chunk_elems, staging_bytes
+    return staging_bytes(chunk_elems(max((u.numel_train for u in units), default=1)))
+
+
+def engine_placement(units, *, itemsize, device, gpu_budget, cpu_budget, nvme, grad_accum, activations,
+                     rates, eager=True, shards=1, sharded=False):
+    """The placement offload.engine() makes (the engine and `offload plan` both call this, so a plan printed
+    ahead of time is the one a run gets): on CUDA ACTIVATION_SHARE of gpu_budget is kept for activations (the
+    batch is not known yet); room for device-side AdamW's staging buffers is kept beside it where that applies
+    and the budget allows (so states placed on the device cannot crowd it out); then assign_update_sites gives
+    each side its share of AdamW (Note [device-side AdamW]). rates: a machine profile, or a callable returning
+    one (called only when device-side AdamW applies: measuring rates on a GPU takes a second)."""
+    act_reserve = int(gpu_budget * ACTIVATION_SHARE) if (str(device).startswith("cuda") and gpu_budget) else 0
+    kw = dict(itemsize=itemsize, device=str(device), gpu_budget=gpu_budget, cpu_budget=cpu_budget, nvme=nvme,
+              grad_accum=grad_accum, activations=activations, shards=shards)
+    staging = update_staging_bytes(units, device, eager=eager, grad_accum=grad_accum, sharded=sharded)
+    plan = None
+    if staging is not None:
+        try:
+            plan = plan_placement(units, act_reserve=act_reserve + staging, **kw)
+        except BudgetError:
+            staging = None      # too tight for the staging buffers: AdamW stays on the CPU
+    if staging is None:
+        plan = plan_placement(units, act_reserve=act_reserve, **kw)
+    else:
+        assign_update_sites(plan, rates() if callable(rates) else rates, gpu_room=staging, share=DEVICE_UPDATE_SHARE)
+    plan.act_reserve = act_reserve
+    return plan
 
 DEFAULT_RATES = {   # used until a probe of this machine is given: a PCIe 4 workstation with one NVMe SSD
     "pcie_gb_s": 25.0, "disk_gb_s": 2.0, "cpu_adam_gparams_s": 1.0,
@@ -264,26 +305,27 @@ def state_traffic_bytes(units, plans, itemsize, micro_batches=1):
     one rank's share: its slice crosses PCIe and the disk (the rest of a unit arrives by the all-gather, over
     the interconnect, which is not priced here)."""
     m = micro_batches
-    pcie = disk_read = disk_write = adam = 0
+    fetch = update = disk_read = disk_write = adam = 0
     for u, p in zip(units, plans):
         k = getattr(p, "shards", 1)
         pb, tb = u.numel // k * itemsize, u.numel_train // k * itemsize
         if p.params_home != "gpu":
-            pcie += 2 * pb * m                 # forward and backward fetch
+            fetch += 2 * pb * m                # forward and backward fetch
         if p.update_on == "device":
-            pcie += 2 * u.numel_train * STATE_BYTES   # master/m/v in and back out (Note [device-side AdamW])
+            update += 2 * u.numel_train * STATE_BYTES   # master/m/v in and back out (Note [device-side AdamW])
         elif p.states_home in ("cpu", "nvme"):
-            pcie += tb * m                     # gradients out
+            update += tb * m                   # gradients out
             adam += u.numel_train // k
             if p.params_home == "gpu":
-                pcie += tb                     # updated params back in
+                update += tb                   # updated params back in
         if p.params_home == "nvme":
             disk_read += 2 * pb * m            # read for forward and for backward
             disk_write += tb                   # the updated trainable part, once
         if p.states_home == "nvme":
             disk_read += u.numel_train // k * STATE_BYTES
             disk_write += u.numel_train // k * STATE_BYTES
-    return {"pcie": pcie, "disk_read": disk_read, "disk_write": disk_write, "adam_elems": adam}
+    return {"pcie": fetch + update, "pcie_update": update, "disk_read": disk_read, "disk_write": disk_write,
+            "adam_elems": adam}
 
 
 def _disk_seconds(read, write, r):
@@ -356,17 +398,38 @@ def assign_update_sites(plan, rates, *, gpu_room, share=None):
 
 # Note [step-time model]
 # A step's resources overlap (compute, PCIe copies, disk I/O and CPU AdamW run on their own streams and
-# threads), so the predicted step is the slowest resource, not the sum. Each resource's time is its work
-# over its rate from the machine profile:
+# threads), so the predicted step is the slowest of them, with one ordering constraint that no overlap
+# removes (the CPU AdamW's late start, below). Each resource's time is its work over its rate from the
+# machine profile:
 # - gpu: training FLOPs 6*N*T (N: parameters in matmuls, T: tokens per step) plus attention's 12*L*h*s*T
 #   (QK^T and AV, forward 4*L*h*s per token, backward twice that; causal masking is not discounted), plus
 #   a recomputed forward 2*N_blocks*T + 4*L*h*s*T when blocks recompute; over gpu_tflops times
-#   COMPUTE_EFFICIENCY (a probe's gpu_tflops is a large bf16 matmul; layer norms, softmax, elementwise ops,
-#   launch gaps and smaller matmuls bring a training step below it).
+#   COMPUTE_EFFICIENCY. gpu_tflops is a large (8192^3) bf16 matmul; layer norms, softmax, cross-entropy,
+#   elementwise ops and launch gaps bring a training step well below it. The efficiency is measured, not
+#   guessed: plain PyTorch with the whole 3.37B reference model resident on an H200 and recompute took
+#   0.584 s/step for 2.357e14 FLOPs at a measured 791 TFLOPS matmul rate: 0.51.
 # - pcie: state_traffic_bytes()["pcie"] plus offloaded block inputs (out in forward, back in backward),
 #   over one rate for both directions together (conservative: PCIe is full duplex).
-# - disk, cpu_adam: state_traffic_bytes() over the disk and AdamW rates.
-COMPUTE_EFFICIENCY = 0.7
+# - disk: state_traffic_bytes() reads plus writes over the disk rates (they share the SSDs).
+# - cpu_adam: the CPU AdamW's busy time. The native AdamW is bound by host memory bandwidth: per element it
+#   reads master, m, v and a 16-bit gradient and writes master, m, v and 16-bit params (ADAM_HOST_BYTES =
+#   28; 4.65 G elements/s is 130 GB/s on the H200 machine). The optimizer's PCIe copies (gradients out,
+#   params in, device-side AdamW's states both ways) are DMA into and out of the same host memory while
+#   AdamW runs, so they are priced in AdamW's bytes at its bandwidth: (elements * 28 + update DMA bytes) /
+#   (rate * 28). Streamed-parameter fetches are spread over the whole step and left to the pcie term.
+# - the late start: in the engine's eager mode a unit's AdamW runs when its gradients land in backward, and
+#   the next forward needs the first units first, which backward finishes last; so the CPU works only from
+#   the moment the first host-updated unit's gradients land (the whole forward, then the backward of the
+#   units after it in module order: cpu_start_s, priced as that share of the gpu time, each unit's share
+#   of backward being its parameters' share) to the end of the step. The step is at least cpu_start_s plus
+#   cpu_adam. With micro_batches > 1 the gradients of the last micro-batch start it.
+# Checked against the H200 reference runs (3.37B, seq 2048, mb 4, 24 GiB cap): all 2.93 G arena elements
+# on the CPU: predicted 0.87 s, measured 0.843; 1.25 G of them updated on the device: predicted 0.82 s,
+# measured 0.745 (tests/test_planner.py works both through). Not modelled: clipping's deferred updates
+# (they overlap the next forward instead), contention between disk DMA and AdamW, kernel-launch overhead of
+# many small units.
+COMPUTE_EFFICIENCY = 0.51
+ADAM_HOST_BYTES = 28   # host memory bytes the native AdamW touches per element (Note [step-time model])
 LAYER_ACT_BYTES = 34   # bytes per token per hidden unit a block saves for backward in 16-bit (Korthikanti
                        # et al. 2022, eq. 1, without the 5as/h term: SDPA/flash attention keeps no scores)
 LOGIT_EXTRA_BYTES = 8  # per logit beside the compute-dtype copy: cross-entropy's fp32 upcast and its gradient
@@ -399,30 +462,27 @@ def activation_options(shape, batch, itemsize):
 
 
 def plan_for_batch(units, shape, batch, rates=None, micro_batches=1, **kw):
-    """plan_placement with the activation reserve sized for this batch. Each ActivationPlan (keep, recompute,
-    recompute+offload) gets its own placement, since a larger reserve pushes state off the device; the pick
-    is the fastest predicted step when rates has gpu_tflops, else the one with most model state on the device
-    (the first on ties). Returns (Plan, ActivationPlan); raises BudgetError when none fits, saying what the
-    smallest needs."""
-    fits, err = [], None
-    for act in activation_options(shape, batch, kw["itemsize"]):
-        cpu = kw["cpu_budget"]
-        # Offloaded block inputs live beside the arena: the arena gets what they leave of the CPU budget.
-        sub = dict(kw, cpu_budget=None if cpu is None else max(0, cpu - act.host_bytes))
-        try:
-            plan = plan_placement(units, act_reserve=act.device_bytes, **sub)
-            plan.budgets["cpu"] = cpu
-            fits.append((plan, act))
-        except BudgetError as e:
-            err = e
+    """engine_placement (the plan offload.engine() builds for these budgets) and the ActivationPlan a batch of
+    batch x shape.seq tokens gets inside the engine's activation reserve: the fastest predicted one when rates
+    has gpu_tflops, else the one keeping most on the device; on the CPU (no device reserve) "keep". kw:
+    engine_placement's keywords, rates defaulting to `rates`. Returns (Plan, ActivationPlan); raises
+    BudgetError when the placement does not fit or no activation policy fits the reserve."""
+    kw.setdefault("rates", dict(DEFAULT_RATES, **{k: v for k, v in (rates or {}).items() if v is not None}))
+    plan = engine_placement(units, **kw)
+    opts = activation_options(shape, batch, kw["itemsize"])
+    if not str(kw["device"]).startswith("cuda"):
+        return plan, opts[0]
+    fits = [a for a in opts if a.device_bytes <= plan.act_reserve]
     if not fits:
         raise BudgetError(f"batch {batch} x seq {shape.seq}: even with recompute and block inputs in host memory "
-                          f"activations need {fmt_bytes(act.device_bytes)} of the device, and then {err}; "
-                          f"lower --batch (raise --grad-accum to keep the tokens per step)")
+                          f"activations need {fmt_bytes(opts[-1].device_bytes)} of the device, more than the "
+                          f"{fmt_bytes(plan.act_reserve)} the engine keeps for them ({ACTIVATION_SHARE:.0%} of "
+                          f"gpu_memory); lower --batch (raise --grad-accum to keep the tokens per step) or raise "
+                          f"gpu_memory")
     if rates and rates.get("gpu_tflops"):
         tokens = batch * shape.seq * micro_batches
-        return min(fits, key=lambda f: predict_step(f[0], shape, tokens, rates, f[1], micro_batches).step_s)
-    return max(fits, key=lambda f: f[0].bytes["gpu"])
+        return plan, min(fits, key=lambda a: predict_step(plan, shape, tokens, rates, a, micro_batches).step_s)
+    return plan, fits[0]
 
 
 @dataclass(frozen=True)
@@ -434,6 +494,7 @@ class StepPrediction:
     resource_s: dict
     step_s: float
     bottleneck: str
+    cpu_start_s: float = 0.0   # when the first host-updated unit's gradients land (the CPU AdamW's start)
 
     @property
     def model_tflops(self):
@@ -452,9 +513,26 @@ def training_flops(shape, tokens, recompute):
     return float(model), float(model + extra)
 
 
+def cpu_start_share(plan, shape, model_flops, hardware_flops, micro_batches=1):
+    """Share of the step's compute done before the first host-updated unit's gradients land (Note
+    [step-time model]): every micro-batch but the last, the last one's forward, and the backward of the units
+    from the last host-updated one on (module order), each unit's backward its parameters' share. None when no
+    unit's AdamW runs on the CPU."""
+    host = [i for i, p in enumerate(plan.units)
+            if p.numel_train and p.states_home in ("cpu", "nvme") and p.update_on == "host"]
+    if not host or not hardware_flops:
+        return None
+    m = micro_batches
+    fwd = model_flops / 3 / m                 # one micro-batch's forward: 2NT + attention, a third of 6NT + 3x
+    one = hardware_flops / m
+    after = sum(p.numel for p in plan.units[host[-1]:])
+    frac = min(1.0, after / max(1, shape.compute_params))
+    return ((m - 1) * one + fwd + frac * (one - fwd)) / hardware_flops
+
+
 def predict_step(plan, shape, tokens_per_step, rates, act=None, micro_batches=1):
-    """StepPrediction of a plan; rates: a machine profile (missing keys fall back to DEFAULT_RATES; gpu_tflops
-    is required)."""
+    """StepPrediction of a plan (Note [step-time model]); rates: a machine profile (missing keys fall back to
+    DEFAULT_RATES; gpu_tflops is required)."""
     r = dict(DEFAULT_RATES, **{k: v for k, v in (rates or {}).items() if v is not None})
     if not r.get("gpu_tflops"):
         raise ValueError("predict_step: the machine profile has no gpu_tflops")
@@ -462,8 +540,14 @@ def predict_step(plan, shape, tokens_per_step, rates, act=None, micro_batches=1)
     b = state_traffic_bytes(plan.units, plan.units, plan.itemsize, micro_batches)
     pcie = b["pcie"] + (2 * act.host_bytes * micro_batches if act is not None else 0)
     eff = r.get("compute_efficiency", COMPUTE_EFFICIENCY)
+    host_rate = r["cpu_adam_gparams_s"] * 1e9 * ADAM_HOST_BYTES
+    adam = (b["adam_elems"] * ADAM_HOST_BYTES + b["pcie_update"]) / host_rate if b["adam_elems"] else 0.0
     res = {"gpu": hw / (r["gpu_tflops"] * 1e12 * eff), "pcie": pcie / (r["pcie_gb_s"] * 1e9),
-           "disk": _disk_seconds(b["disk_read"], b["disk_write"], r),
-           "cpu_adam": b["adam_elems"] / (r["cpu_adam_gparams_s"] * 1e9)}
+           "disk": _disk_seconds(b["disk_read"], b["disk_write"], r), "cpu_adam": adam}
     worst = max(res, key=res.get)
-    return StepPrediction(tokens_per_step, model, hw, res, res[worst], worst)
+    share = cpu_start_share(plan, shape, model, hw, micro_batches)
+    start = res["gpu"] * share if share is not None else 0.0
+    step, bottleneck = res[worst], worst
+    if share is not None and start + adam > step:
+        step, bottleneck = start + adam, "cpu_adam"
+    return StepPrediction(tokens_per_step, model, hw, res, step, bottleneck, start)

@@ -1,0 +1,71 @@
+"""The GPU benchmark scripts run end to end in their small modes (tiny shapes, device cpu), so a script handed
+to the GPU machine has at least run here: bench/scale.py, bench/nvme_regime.py, bench/plan_check.py. Their
+rows go to a temporary results file (OFFLOAD_BENCH_RESULTS), never to bench/results.jsonl."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# a described machine, so that no rate is measured (seconds saved); the disk rate is the H200 machine's
+PROFILE = {"gpu_tflops": 0.1, "pcie_gb_s": 25.0, "cpu_adam_gparams_s": 1.0, "disk_read_gb_s": 1.3,
+           "disk_write_gb_s": 2.0, "disk_gb_s": 1.58}
+
+
+def _run(tmp_path, script, *args):
+    env = dict(os.environ, OFFLOAD_BENCH_RESULTS=str(tmp_path), PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
+    env.pop("OUT", None)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), *args], env=env,
+                          capture_output=True, text=True, timeout=120)
+    rows = [json.loads(l) for l in (tmp_path / "results.jsonl").read_text().splitlines()] \
+        if (tmp_path / "results.jsonl").exists() else []
+    return proc, rows
+
+
+def _machine(tmp_path):
+    path = tmp_path / "machine.json"
+    path.write_text(json.dumps(PROFILE))
+    return str(path)
+
+
+def test_scale_picks_the_largest_tiny_size_and_trains_it(tmp_path):
+    proc, rows = _run(tmp_path, "scale.py", "--preset", "tiny", "--device", "cpu", "--nvme", str(tmp_path / "nvme"),
+                      "--machine", _machine(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "tiny-c" in proc.stdout and "does not fit" in proc.stdout
+    (row,) = rows
+    assert row["bench"] == "scale" and row["size"] == "tiny-b"
+    assert row["loss_falling"] and len(row["losses"]) == 3 and row["rss_within_budget"]
+    assert row["plan_bytes"] == row["plan_bytes_predicted"] and row["plan_bytes"]["nvme"] > 0
+    assert row["moved_steps"]["disk_read"] > 0 and row["setup_s"] is not None and row["predicted_step_s"] is not None
+    assert not os.listdir(tmp_path / "nvme")       # swap files removed
+
+
+def test_nvme_regime_records_the_disk_floor(tmp_path):
+    proc, rows = _run(tmp_path, "nvme_regime.py", "--preset", "tiny", "--device", "cpu", "--mbs", "2",
+                      "--nvme", str(tmp_path / "nvme"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = rows
+    assert row["bench"] == "nvme-regime-tiny-mb2" and row["plan_bytes"]["nvme"] > 0
+    moved = row["moved_steps"]
+    per_step = (moved["disk_read"] / row["rates"]["disk_read_gb_s"]
+                + moved["disk_write"] / row["rates"]["disk_write_gb_s"]) / 3 / 1e9     # 1 warm-up + 2 steps
+    assert row["floors"]["disk_s"] == pytest.approx(per_step, rel=0.02)    # rates are rounded in the row
+
+
+def test_nvme_regime_records_a_row_for_a_run_that_times_out(tmp_path):
+    proc, rows = _run(tmp_path, "nvme_regime.py", "--preset", "tiny", "--device", "cpu", "--mbs", "2",
+                      "--nvme", str(tmp_path / "nvme"), "--timeout", "1")
+    (row,) = rows
+    assert row["status"] == "timeout" and row["timeout_s"] == 1 and row["step_times"] == []
+
+
+def test_plan_check_records_prediction_beside_measurement(tmp_path):
+    proc, rows = _run(tmp_path, "plan_check.py", "--preset", "tiny", "--device", "cpu", "--configs", "tiny-nvme",
+                      "--nvme", str(tmp_path / "nvme"), "--machine", _machine(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = rows
+    assert row["bench"] == "plan-check" and row["placement_matches"]
+    assert row["error_pct"] == pytest.approx(100 * (row["predicted_step_s"] - row["step_s"]) / row["step_s"], abs=0.2)
