@@ -57,6 +57,11 @@ def write(path, events):
     return str(path)
 
 
+def xs(path):
+    """The complete ("X") span events of a trace file."""
+    return [e for e in json.loads(path.read_text())["traceEvents"] if e["ph"] == "X"]
+
+
 def check_trace_schema(doc):
     """The trace-event format's required keys and types, per phase ("X" complete, "M" metadata)."""
     assert isinstance(doc, dict) and isinstance(doc["traceEvents"], list)

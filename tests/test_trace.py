@@ -12,7 +12,7 @@ from models import make_gpt, token_batches
 from offload import device_timer, timeline
 from offload.cli import main
 from offload.profiler import KINDS, Profiler
-from test_timeline import check_trace_schema, png_pixels
+from test_timeline import check_trace_schema, xs, png_pixels
 
 GRAD_ACCUM = 2
 WINDOWS = 3
@@ -39,10 +39,6 @@ def nvme_run(tmp_path_factory):
         units = [u.name for u in engine.units]
         plan = engine.plan
     return path, moved, units, plan
-
-
-def xs(path):
-    return [e for e in json.loads(path.read_text())["traceEvents"] if e["ph"] == "X"]
 
 
 def test_run_trace_holds_every_cpu_span_kind(nvme_run):

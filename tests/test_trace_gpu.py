@@ -11,7 +11,7 @@ from conftest import make_engine
 from models import make_gpt, token_batches
 from offload import timeline
 from offload.cli import main
-from test_timeline import check_trace_schema
+from test_timeline import check_trace_schema, xs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -37,10 +37,6 @@ def gpu_run(tmp_path_factory):
             engine.step()
             created.append(engine.profiler.timer.created)
     return path, units, streamed, created
-
-
-def xs(path):
-    return [e for e in json.loads(path.read_text())["traceEvents"] if e["ph"] == "X"]
 
 
 def test_device_spans_are_well_formed(gpu_run):
