@@ -214,7 +214,7 @@ class Engine:
         self.optimizer.param_groups[0]["params"] = [s.param for u in self.units for s in u.slots if s.trainable]
         self.unit_opt = UnitOptimizer(self.tiers)
         dev_units = [u.numel_train for u in self.units if u.plan.update_on == "device"]
-        self.device_updater = DeviceUpdater(self.device, self._count_moved, chunk_elems(max(dev_units, default=1)))
+        self.device_updater = DeviceUpdater(self.device, self.tiers.count, chunk_elems(max(dev_units, default=1)))
         self._device_updated = []   # units updated on the device this step, with their skip flags
         self.worker = Worker(on_error=self._unblock_all)
         self.tiers.check = self.worker.raise_error
@@ -320,7 +320,7 @@ class Engine:
             self._update_on_device(u, target)
             return
         nbytes = u.shard.train * tiers.itemsize
-        tiers.moved["d2h"] += nbytes
+        tiers.count("d2h", nbytes)
         if t_copy is not None:
             prof.end_work(t_copy, KIND_D2H, u.index, nbytes)
         ev = None
@@ -366,8 +366,6 @@ class Engine:
                 self.device_updater.update(u, grad, segments, hyper)
         self._device_updated.append((u, flag, steps_before))
 
-    def _count_moved(self, direction, nbytes):
-        self.tiers.moved[direction] += nbytes
 
     def _land(self, u, ev, first, final, hyper, fresh=True):
         """Worker thread: gradients of u have (or will have, after ev) landed in its host buffer; with

@@ -223,7 +223,7 @@ class UnitOptimizer:
                     u.shard.put_train(st.flat, out, non_blocking=True)
                     if span is not None:
                         t.prof.end_work(span, KIND_H2D, u.index, nbytes, t.h2d)
-                    t.moved["h2d"] += nbytes
+                    t.count("h2d", nbytes)
                     ev = torch.cuda.Event()
                     ev.record(t.h2d)
                     st.update_event = ev
@@ -232,7 +232,7 @@ class UnitOptimizer:
             st.stale = t.comm is not None   # the next use gathers the other ranks' slices
         elif p.params_home == "nvme":
             ticket = t.store.submit_write(st.home_obj, 0, as_buffer(out_slot[:u.shard.train * t.itemsize]))
-            t.moved["disk_write"] += u.shard.train * t.itemsize
+            t.count("disk_write", u.shard.train * t.itemsize)
             t.store.wait(ticket)   # the next forward reads this object: the write must be complete first
             t.param_slots.release(out_slot)
 

@@ -180,9 +180,15 @@ class Tiers:
         self.grad_accum = 1
         self.check = lambda: None   # raises a failure of the optimizer thread in the caller (set by the engine)
         self.moved = {"h2d": 0, "d2h": 0, "disk_read": 0, "disk_write": 0}   # bytes, for summaries
+        self._moved_lock = threading.Lock()   # counted from the caller's and the optimizer's threads
         for u, p in zip(units, plan.units):
             u.st = UnitStorage()
             u.plan = p
+
+    def count(self, direction, nbytes):
+        """Adds to the bytes moved over one link (a read-modify-write: two threads count)."""
+        with self._moved_lock:
+            self.moved[direction] += nbytes
 
     # ---- setup ---------------------------------------------------------------------------------------
     def allocate(self, grad_accum):
@@ -281,7 +287,7 @@ class Tiers:
             st.states_write = None
         n = u.shard.train
         pending = Pending(self.store, self.store.submit_read(st.states_obj, 0, as_buffer(slot[:n * 12]), tag=u.index))
-        self.moved["disk_read"] += n * 12
+        self.count("disk_read", n * 12)
         return slot, pending
 
     def read_states_ahead(self, u):
@@ -312,7 +318,7 @@ class Tiers:
             f[n:2 * n].copy_(exp_avg)
             f[2 * n:].copy_(exp_avg_sq)
         ticket = Pending(self.store, self.store.submit_write(st.states_obj, 0, as_buffer(slot[:n * 12]), tag=u.index))
-        self.moved["disk_write"] += n * 12
+        self.count("disk_write", n * 12)
         if wait:
             ticket.wait()
             self.state_slots.release(slot)
@@ -334,7 +340,7 @@ class Tiers:
         st.disk_slot = slot
         nb = u.shard.local * self.itemsize
         st.disk_ticket = Pending(self.store, self.store.submit_read(st.home_obj, 0, as_buffer(slot[:nb]), tag=u.index))
-        self.moved["disk_read"] += nb
+        self.count("disk_read", nb)
 
     def fetch(self, u):
         """Starts making u.flat valid on the compute device (asynchronous on CUDA)."""
@@ -354,7 +360,7 @@ class Tiers:
             src = st.home
         storage = st.flat.untyped_storage()
         nb = u.shard.local * self.itemsize
-        self.moved["h2d"] += nb
+        self.count("h2d", nb)
         if self.cuda:
             with torch.cuda.stream(self.h2d):
                 storage.resize_(nbytes)
