@@ -253,6 +253,7 @@ def plan_placement(units, *, itemsize, device, gpu_budget, cpu_budget, nvme, gra
 
 DEVICE_UPDATE_SHARE = None   # None: the planner balances CPU and device-side AdamW (tests force a share)
 ACTIVATION_SHARE = 0.4   # of gpu_memory, on CUDA, kept free for activations and temporaries
+MIN_ACTIVATION_SHARE = 0.1   # ... or less, down to this, when the streaming working set needs the rest
 
 
 def update_staging_bytes(units, device, *, eager, grad_accum, sharded=False):
@@ -276,22 +277,39 @@ def engine_placement(units, *, itemsize, device, gpu_budget, cpu_budget, nvme, g
     and the budget allows (so states placed on the device cannot crowd it out); then assign_update_sites gives
     each side its share of AdamW (Note [device-side AdamW]). rates: a machine profile, or a callable returning
     one (called only when device-side AdamW applies: measuring rates on a GPU takes a second)."""
-    act_reserve = int(gpu_budget * ACTIVATION_SHARE) if (str(device).startswith("cuda") and gpu_budget) else 0
+    cuda = str(device).startswith("cuda") and bool(gpu_budget)
+    act_reserve = int(gpu_budget * ACTIVATION_SHARE) if cuda else 0
     kw = dict(itemsize=itemsize, device=str(device), gpu_budget=gpu_budget, cpu_budget=cpu_budget, nvme=nvme,
               grad_accum=grad_accum, activations=activations, shards=shards)
     staging = update_staging_bytes(units, device, eager=eager, grad_accum=grad_accum, sharded=sharded)
-    plan = None
+    try:
+        plan, staging = _place_beside(units, act_reserve, staging, kw)
+    except BudgetError:
+        # Units so large that the streaming working set does not fit beside the usual share (a 175B block is
+        # 3.4 GiB): activations get what the smallest working set leaves, if that is still a useful share.
+        leftover = gpu_budget - stream_working_set(units, itemsize, 1) if cuda else -1
+        if not MIN_ACTIVATION_SHARE * gpu_budget <= leftover < act_reserve:
+            raise
+        act_reserve = leftover
+        plan, staging = _place_beside(units, act_reserve, staging, kw)
+        plan.notes.append(f"activations keep {fmt_bytes(act_reserve)} of the device ({act_reserve / gpu_budget:.0%} of "
+                          f"gpu_memory, not {ACTIVATION_SHARE:.0%}): the streaming working set needs the rest")
     if staging is not None:
-        try:
-            plan = plan_placement(units, act_reserve=act_reserve + staging, **kw)
-        except BudgetError:
-            staging = None      # too tight for the staging buffers: AdamW stays on the CPU
-    if staging is None:
-        plan = plan_placement(units, act_reserve=act_reserve, **kw)
-    else:
         assign_update_sites(plan, rates() if callable(rates) else rates, gpu_room=staging, share=DEVICE_UPDATE_SHARE)
     plan.act_reserve = act_reserve
     return plan
+
+
+def _place_beside(units, act_reserve, staging, kw):
+    """plan_placement with act_reserve (and device-side AdamW's staging, when given and the budget allows it)
+    kept off the device's model state. Returns (plan, staging or None)."""
+    if staging is not None:
+        try:
+            return plan_placement(units, act_reserve=act_reserve + staging, **kw), staging
+        except BudgetError:
+            pass                # too tight for the staging buffers: AdamW stays on the CPU
+    return plan_placement(units, act_reserve=act_reserve, **kw), None
+
 
 DEFAULT_RATES = {   # used until a probe of this machine is given: a PCIe 4 workstation with one NVMe SSD
     "pcie_gb_s": 25.0, "disk_gb_s": 2.0, "cpu_adam_gparams_s": 1.0,
@@ -476,7 +494,7 @@ def plan_for_batch(units, shape, batch, rates=None, micro_batches=1, **kw):
     if not fits:
         raise BudgetError(f"batch {batch} x seq {shape.seq}: even with recompute and block inputs in host memory "
                           f"activations need {fmt_bytes(opts[-1].device_bytes)} of the device, more than the "
-                          f"{fmt_bytes(plan.act_reserve)} the engine keeps for them ({ACTIVATION_SHARE:.0%} of "
+                          f"{fmt_bytes(plan.act_reserve)} the engine keeps for them ({plan.act_reserve / plan.budgets['gpu']:.0%} of "
                           f"gpu_memory); lower --batch (raise --grad-accum to keep the tokens per step) or raise "
                           f"gpu_memory")
     if rates and rates.get("gpu_tflops"):

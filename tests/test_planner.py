@@ -169,6 +169,25 @@ def test_engine_placement_reserves_activations_then_staging_then_assigns_update_
     assert c.act_reserve == 0 and all(u.update_on == "host" for u in c.units)
 
 
+def test_activation_reserve_shrinks_for_a_working_set_that_needs_more():
+    """Blocks so large that the smallest streaming working set does not fit beside 40% for activations (175B
+    on 24 GiB): the reserve becomes what that working set leaves, down to MIN_ACTIVATION_SHARE, and the plan
+    says so; below that the budget is refused."""
+    units = split_units(build_meta_model(load_config(_write_config(dict(TINY, n_layer=24)))))
+    ws = planmod.stream_working_set(units, 2, 1)
+    assert ws < 2 * sum(u.numel for u in units)    # so the params must stream
+    kw = dict(itemsize=2, device="cuda", cpu_budget=1 << 30, nvme=None, grad_accum=1, activations="auto",
+              eager=False, rates=PROFILE)
+    budget = int(ws / (1 - planmod.ACTIVATION_SHARE)) - 1024   # 40% would leave less than the working set
+    p = planmod.engine_placement(units, gpu_budget=budget, **kw)
+    assert p.act_reserve == budget - ws and p.act_reserve < int(budget * planmod.ACTIVATION_SHARE)
+    assert p.buffers["gpu_stream"] == ws and "not 40%" in p.notes[-1]
+    with pytest.raises(planmod.BudgetError, match="streaming working set"):
+        planmod.engine_placement(units, gpu_budget=int(ws / (1 - planmod.MIN_ACTIVATION_SHARE)) - 1024, **kw)
+    roomy = planmod.engine_placement(units, gpu_budget=4 * ws, **kw)
+    assert roomy.act_reserve == int(4 * ws * planmod.ACTIVATION_SHARE)
+
+
 def _reference_shape():
     """The 3.37B reference model on the meta device, split as the engine splits it."""
     import torch
