@@ -355,15 +355,15 @@ class Engine:
             flag = self._found_inf.float()   # this step's flag so far, before the event the update waits on
             ready = torch.cuda.Event()
             ready.record()
-            upd.load.wait_event(ready)
+            upd.load.wait_event(ready)   # here, not in update(): the traced span starts once the gradients are in
             t0 = prof.begin_work(KIND_OPTIM, u.index, upd.load) if prof else None
-            st.update_event = upd.update(u, grad, segments, hyper, ready, flag)
+            st.update_event = upd.update(u, grad, segments, hyper, found_inf=flag)
             if t0 is not None:
                 prof.end_work(t0, KIND_OPTIM, u.index, u.numel_train * 24, upd.load)
         else:
             flag = self._found_inf.clone()
             if not bool(flag):
-                self.device_updater.update(u, grad, segments, hyper)
+                upd.update(u, grad, segments, hyper)
         self._device_updated.append((u, flag, steps_before))
 
 
@@ -409,7 +409,7 @@ class Engine:
         t0 = self.profiler.begin_work(KIND_OPTIM, u.index) if self.profiler else None
         self.unit_opt.update_device(u, hyper, scale)
         if t0 is not None:
-            self.profiler.end_work(t0, KIND_OPTIM, u.index, u.numel_train * 16)
+            self.profiler.end_work(t0, KIND_OPTIM, u.index, u.shard.train * 16)
 
     def _unblock_all(self):
         """After a worker failure nothing may wait for an update that will never come."""
