@@ -5,26 +5,33 @@ Note [auto activations]: the first step keeps blocks while the projected activat
 budget and recomputes the rest (stream.Streamer._policy), and it times every block's forward on the device
 (CUDA events) and measures each block's activation bytes (the growth of allocated memory across a kept
 block). After it:
-1. keep: the memory left under the budget at that step's peak lets the last recomputed blocks keep their
+1. keep: the memory left under the budget at that step's peak (less what optimizer states moving onto the
+   device now claim, Note [device states after the first step]) lets the last recomputed blocks keep their
    activations instead (they are the first ones backward needs); one block's worth stays free for the
    swap-in prefetch when anything is swapped.
 2. swap: of the blocks still recomputed, the earliest ones (the last that backward needs, so their copies
-   have the longest to come back) are swapped whole while the device->host traffic fits under
-   SWAP_HIDE_SHARE of the forward's measured compute, at a device<->host rate measured now with pinned
-   copies, and the host copies fit the CPU memory left beside the arena. Hidden traffic costs nothing; a
-   recompute costs a forward of the block.
+   have the longest to come back) are swapped whole while the copies fit the link beside the model state
+   it already carries: out during forward, back during backward, each direction within SWAP_HIDE_SHARE of
+   the step's compute less the state traffic. The forward's compute is the median block's, measured by
+   CUDA events, times the blocks; the rate is the machine profile's device->host one (or a pinned copy
+   measured now, inside the memory the budget leaves: nothing is swapped when it leaves too little to
+   measure). The host copies must fit the CPU memory left beside the arena. Hidden traffic costs nothing;
+   a recompute costs a forward of the block. Where the link is already the binding resource (the reference
+   workload streams its optimizer states through it), nothing is swapped.
 3. split: the traffic still hidden after that gives the next block a token-wise split with the fraction
    it covers (at least SPLIT_MIN): its leaves after attention then recompute fewer rows.
 The rest stay recomputed. The choice is written into the plan (str(engine.plan)).
 """
-import time
-
 import torch
+
+from .machine import device_to_host_rate
+from .plan import state_traffic_bytes
 
 AUTO_SAFETY = 0.05      # of the device budget, never planned into when converting blocks back to "keep"
 SWAP_HIDE_SHARE = 0.9   # of the forward's compute time that activation copies to the host may take
 SPLIT_MIN = 0.1         # smaller fractions save too little to pay for their calibration step
 HOST_SHARE = 0.9        # of the CPU memory beside the arena that activation copies may take
+BACKWARD_PLUS_FORWARD = 3.0   # a step's compute in forwards (backward costs about two)
 
 
 def start_timer(device):
@@ -39,25 +46,21 @@ def stop_timer(timer, device):
     timer[1] = ev
 
 
-def _elapsed_s(timers):
-    torch.cuda.synchronize()
-    return sum(a.elapsed_time(b) / 1e3 for a, b in timers if b is not None)
-
-
-def measure_pcie(device, nbytes=64 << 20):
-    """(device->host, host->device) bytes per second of a pinned copy, measured now."""
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    rates = []
-    for dst, src in ((host, dev), (dev, host)):
-        dst.copy_(src, non_blocking=True)
-        torch.cuda.synchronize(device)
-        t = time.perf_counter()
-        for _ in range(3):
-            dst.copy_(src, non_blocking=True)
-        torch.cuda.synchronize(device)
-        rates.append(3 * nbytes / (time.perf_counter() - t))
-    return tuple(rates)
+def forward_seconds(streamer):
+    """The blocks' forward compute of one step, from the first step's CUDA events: the median block times the
+    number of blocks, since the first blocks of a process's first step also pay one-off costs (kernel
+    selection, allocator growth) that would make hiding look several times cheaper than it is. None when
+    nothing was timed."""
+    times = []
+    for u in streamer.units:
+        t = u.extra.get("fwd_timer")
+        if t is not None and t[1] is not None:
+            times.append(t)
+    if not times:
+        return None
+    torch.cuda.synchronize(streamer.device)
+    each = sorted(a.elapsed_time(b) / 1e3 for a, b in times)
+    return each[len(each) // 2] * len(each)
 
 
 def host_room(plan):
@@ -67,14 +70,19 @@ def host_room(plan):
     return int(max(0, free) * HOST_SHARE)
 
 
-def choose(recomputed, act_bytes, fwd_s, spare, d2h_rate, room):
+def choose(recomputed, act_bytes, fwd_s, spare, d2h_rate, room, busy_s=0.0):
     """{block index: policy} for the blocks the first step recomputed (forward order), following Note
     [auto activations]. act_bytes: one block's activations; fwd_s: the forward's compute of all blocks;
-    spare: device bytes left under the budget at the first step's peak; room: host bytes for copies."""
+    spare: device bytes left under the budget at the first step's peak; room: host bytes for copies;
+    busy_s: seconds per step each direction of the link already spends on model state (params, gradients,
+    optimizer states), which the copies must fit beside."""
     out = {i: "recompute" for i in recomputed}
     if not recomputed or act_bytes <= 0:
         return out
-    hidden = min(SWAP_HIDE_SHARE * fwd_s * d2h_rate, room) / act_bytes   # blocks' worth of hidden traffic
+    # Copies out run during forward; copies back during backward (about twice the forward), where the state
+    # traffic also runs: both directions carry the copies and the state traffic within the step's compute.
+    link_s = max(0.0, min(SWAP_HIDE_SHARE * fwd_s, SWAP_HIDE_SHARE * BACKWARD_PLUS_FORWARD * fwd_s - busy_s))
+    hidden = min(link_s * d2h_rate, room) / act_bytes   # blocks' worth of hidden traffic
 
     def assign(n_keep):
         rest = recomputed[:len(recomputed) - n_keep]
@@ -94,24 +102,27 @@ def choose(recomputed, act_bytes, fwd_s, spare, d2h_rate, room):
     return out
 
 
-def adjust(streamer):
-    """Applies choose() to a streamer after its first step (stream.Streamer.adjust_after_first_step)."""
+def adjust(streamer, claimed=0):
+    """Applies choose() to a streamer after its first step (stream.Streamer.adjust_after_first_step).
+    claimed: device bytes promised to optimizer states moving onto the device now (engine._plan_promotion)."""
     s = streamer
     if s.act_adjusted or not s.cuda:
         return
     s.act_adjusted = True     # also stops the timing of block forwards
-    timers = [u.extra.pop("fwd_timer") for u in s.units if "fwd_timer" in u.extra]
+    fwd_s = forward_seconds(s)
+    for u in s.units:
+        u.extra.pop("fwd_timer", None)
     budget = s.plan.budgets.get("gpu")
-    if budget is None or not s.act_peak:
+    if budget is None or not s.act_peak or fwd_s is None:
         return
-    fwd_s = _elapsed_s(timers)
-    spare = int(budget * (1 - AUTO_SAFETY)) - torch.cuda.max_memory_allocated(s.device)
+    spare = int(budget * (1 - AUTO_SAFETY)) - torch.cuda.max_memory_allocated(s.device) - claimed
     recomputed = sorted(i for i, p in s.act_decided.items() if p == "recompute")
-    d2h, _ = measure_pcie(s.device)
+    d2h = device_to_host_rate(s.device, max(0, spare)) or 0.0     # unknown: nothing is swapped
+    busy_s = state_traffic_bytes(s.units, s.plan.units, s.plan.itemsize)["pcie"] / 2 / d2h if d2h else 0.0
     # Host copies come from torch's pinned caching allocator, which rounds each block up to a power of two:
     # up to twice the bytes.
     room = host_room(s.plan) // 2
-    chosen = choose(recomputed, s.act_peak, fwd_s, max(0, spare), d2h, room)
+    chosen = choose(recomputed, s.act_peak, fwd_s, max(0, spare), d2h, room, busy_s)
     s.act_decided.update(chosen)
     for i, p in s.act_decided.items():
         s.plan.units[i].activations_chosen = p
@@ -121,4 +132,5 @@ def adjust(streamer):
     s.plan.notes.append(
         "activations auto (after step 1): " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
         + f"; measured per block {s.act_peak / 2**20:.0f} MiB of activations, forward compute {fwd_s:.3f} s, "
-          f"device->host {d2h / 1e9:.1f} GB/s, host room {room / 2**30:.1f} GiB")
+          f"device->host {d2h / 1e9:.1f} GB/s of which model state takes {busy_s:.3f} s a step, host room "
+          f"{room / 2**30:.1f} GiB")

@@ -17,7 +17,8 @@ from .oom import device_memory_guard
 from .optim import AdamW, UnitOptimizer, Worker, finite, warn_nonfinite
 from . import plan as plan_mod
 from .device_update import DeviceUpdater, chunk_elems
-from .machine import machine_rates
+from . import act_auto
+from .machine import cpu_adam_rate, machine_rates
 from .profiler import Profiler
 from .shard import current_comm
 from .sizes import fmt_bytes, parse_size
@@ -37,6 +38,11 @@ def engine(model, *, optimizer=None, device=None, dtype=None, gpu_memory=None, c
     return Engine(model, optimizer=optimizer, device=device, dtype=dtype, gpu_memory=gpu_memory,
                   cpu_memory=cpu_memory, nvme=nvme, grad_accum=grad_accum, clip_grad_norm=clip_grad_norm,
                   activations=activations, trace=trace, weights=weights)
+
+
+def _device_state_bytes(u):
+    """Device bytes of a unit's states there: fp32 master, m, v and the gradient the device AdamW reads."""
+    return u.shard.train * (plan_mod.STATE_BYTES + plan_mod.DEVICE_GRAD_BYTES)
 
 
 def _resolve_device(device):
@@ -183,7 +189,7 @@ class Engine:
         return plan_mod.engine_placement(
             self.units, itemsize=itemsize, device=str(self.device), gpu_budget=gpu_b, cpu_budget=cpu_b,
             nvme=nvme_paths, grad_accum=self.grad_accum, activations=activations, shards=shards,
-            eager=self.mode == "eager", sharded=self.comm is not None, rates=lambda: machine_rates(self.device))
+            eager=self.mode == "eager", sharded=self.comm is not None, rates=lambda: machine_rates(self.device, room=gpu_b))
 
     def _check_disk_space(self, paths):
         need = self.plan.bytes["nvme"] * (self.comm.local_world if self.comm else 1)   # ranks share the disks
@@ -220,6 +226,11 @@ class Engine:
         self.tiers.check = self.worker.raise_error
         self.streamer = Streamer(self.units, self.tiers, self.plan, self._on_unit_grads, self.profiler)
         self.streamer.install()
+        self._promoting = []   # units whose states move onto the device when this step ends
+        deferred = [u for u in self.units if u.plan.promote]
+        if deferred:   # Note [device states after the first step] in plan.py
+            self.streamer.pending_device_bytes = sum(_device_state_bytes(u) for u in deferred)
+            self.streamer.on_first_backward = self._plan_promotion
         self.micro = 0
         self.steps_applied = 0
         self.steps_skipped = 0
@@ -243,9 +254,12 @@ class Engine:
         self.streamer.begin_forward()
         try:
             with device_memory_guard(self, "forward"):
-                return self.module(*args, **kwargs)
-        finally:
-            self.streamer.end_forward()
+                out = self.module(*args, **kwargs)
+        except BaseException:
+            self.streamer.abort_forward()
+            raise
+        self.streamer.end_forward()
+        return out
 
     forward = __call__
 
@@ -430,7 +444,70 @@ class Engine:
         if not self._awaiting_step:
             return False
         with device_memory_guard(self, "step"):
-            return self._step()
+            applied = self._step()
+            if self._promoting:
+                self._promote_states()
+            return applied
+
+    # ---- device states after the first step (Note [device states after the first step] in plan.py) ---------
+    def _plan_promotion(self):
+        """Called once, after the first backward: picks the deferred units whose states move onto the
+        device, in placement order, while the measured peak leaves room under gpu_memory and, where "auto"
+        could use that room for activations instead, while the CPU AdamW would not hide under backward.
+        Returns the device bytes they claim; the rest become CPU-state units for good."""
+        deferred = [u for u in self.units if u.plan.promote]
+        budget = self.plan.budgets["gpu"]
+        room = int(budget * (1 - act_auto.AUTO_SAFETY)) - torch.cuda.max_memory_allocated(self.device)
+        auto = any(u.plan.activations == "auto" for u in self.units if u.kind == "block")
+        fwd_s = act_auto.forward_seconds(self.streamer) if auto else None
+        hides_s = act_auto.SWAP_HIDE_SHARE * (act_auto.BACKWARD_PLUS_FORWARD - 1) * fwd_s if fwd_s else None
+        host = sum(p.numel_train // p.shards for p in self.plan.units
+                   if p.states_home in ("cpu", "nvme") and p.update_on == "host")
+        rate = cpu_adam_rate(self.device) if hides_s is not None else None
+        claimed = 0
+        for u in deferred:
+            need = _device_state_bytes(u)
+            if need > room or (hides_s is not None and host / rate <= hides_s):
+                continue
+            self._promoting.append(u)
+            room -= need
+            claimed += need
+            host -= u.shard.train
+        for u in deferred:
+            u.plan.promote = False
+        moved = sum(u.shard.train * plan_mod.STATE_BYTES for u in self._promoting)
+        rest = len(deferred) - len(self._promoting)
+        if not rest:
+            why = "all fit"
+        elif hides_s is not None and host / rate <= hides_s:
+            why = (f"the CPU AdamW of the rest ({host / rate:.3f} s) hides under backward ({hides_s:.3f} s), so "
+                   f"the device room goes to activations")
+        else:
+            why = f"{fmt_bytes(max(room, 0))} of gpu_memory was left at the first step's peak"
+        self.plan.notes.append(f"after the first step: states of {len(self._promoting)} of {len(deferred)} "
+                               f"gpu* units ({fmt_bytes(moved)}) move to the device; {why}")
+        return claimed
+
+    def _promote_states(self):
+        """Moves the chosen units' master/m/v from the arena onto the device once their CPU updates landed;
+        their arena bytes stay held (the arena is one region), their updates run on the device from now."""
+        self.worker.sync()
+        self.worker.raise_error()
+        for u in self._promoting:
+            st, p = u.st, u.plan
+            with torch.no_grad():
+                st.master, st.exp_avg, st.exp_avg_sq = (t.to(self.device) for t in (st.master, st.exp_avg,
+                                                                                   st.exp_avg_sq))
+                st.dgrad = torch.zeros(u.shard.train, dtype=torch.float32, device=self.device)
+            st.grad = st.acc = st.out = None
+            p.states_home = "gpu"
+            nbytes = u.shard.train * plan_mod.STATE_BYTES
+            self.plan.bytes["gpu"] += nbytes
+            self.plan.bytes["cpu"] -= nbytes
+            self.tiers.count("h2d", nbytes)
+            if self.profiler:
+                self.profiler.name_unit(u.index, u.name, p.params_home, p.states_home)
+        self._promoting = []
 
     def _step(self):
         """step() once an accumulation window has closed."""

@@ -40,6 +40,13 @@ class UnitPlan:
     update_on: str = "host"   # where AdamW runs for arena states: "host" (CPU) or "device" (streamed through it)
     activations_chosen: object = None   # what "auto" picked for the unit after the first step
     shards: int = 1    # ranks the unit is split over: this rank holds numel // shards of it off the device
+    promote: bool = False   # states planned for the device, held in the arena until step 1 has measured the
+                            # activations (Note [device states after the first step])
+
+    @property
+    def states_target(self):
+        """Where the states are placed once the first step has run (states_home is where they are now)."""
+        return "gpu" if self.promote else self.states_home
 
 
 @dataclass
@@ -97,8 +104,10 @@ class Plan:
                 continue
             where = "-" if u.states_home == "-" else ("gpu" if u.states_home == "gpu" or u.update_on == "device"
                                                        else "cpu")
+            states = "gpu*" if u.promote else u.states_home
+            where = "gpu*" if u.promote else where
             act = u.activations if u.activations_chosen is None else f"{u.activations}: {u.activations_chosen}"
-            lines.append(f"{u.name[:27]:<28}{u.numel:>14,}  {u.params_home:<6}  {u.states_home:<6}  {where:<6}  {act}")
+            lines.append(f"{u.name[:27]:<28}{u.numel:>14,}  {u.params_home:<6}  {states:<6}  {where:<6}  {act}")
         lines += self.notes
         return "\n".join(lines)
 
@@ -270,13 +279,15 @@ def update_staging_bytes(units, device, *, eager, grad_accum, sharded=False):
 
 
 def engine_placement(units, *, itemsize, device, gpu_budget, cpu_budget, nvme, grad_accum, activations,
-                     rates, eager=True, shards=1, sharded=False):
+                     rates, eager=True, shards=1, sharded=False, defer=True):
     """The placement offload.engine() makes (the engine and `offload plan` both call this, so a plan printed
     ahead of time is the one a run gets): on CUDA ACTIVATION_SHARE of gpu_budget is kept for activations (the
     batch is not known yet); room for device-side AdamW's staging buffers is kept beside it where that applies
     and the budget allows (so states placed on the device cannot crowd it out); then assign_update_sites gives
     each side its share of AdamW (Note [device-side AdamW]). rates: a machine profile, or a callable returning
-    one (called only when device-side AdamW applies: measuring rates on a GPU takes a second)."""
+    one (called only when device-side AdamW applies: measuring rates on a GPU takes a second). defer=False: the
+    states placed on the device are shown there from the start (a caller that priced the batch's activations
+    into the reserve), not held in host memory for the first step as the engine does."""
     cuda = str(device).startswith("cuda") and bool(gpu_budget)
     act_reserve = int(gpu_budget * ACTIVATION_SHARE) if cuda else 0
     kw = dict(itemsize=itemsize, device=str(device), gpu_budget=gpu_budget, cpu_budget=cpu_budget, nvme=nvme,
@@ -297,7 +308,39 @@ def engine_placement(units, *, itemsize, device, gpu_budget, cpu_budget, nvme, g
     if staging is not None:
         assign_update_sites(plan, rates() if callable(rates) else rates, gpu_room=staging, share=DEVICE_UPDATE_SHARE)
     plan.act_reserve = act_reserve
+    if cuda and not sharded and defer:
+        defer_device_states(plan, units, cpu_budget, grad_accum)
     return plan
+
+
+def defer_device_states(plan, units, cpu_budget, grad_accum):
+    """Holds the states placed on the device in the arena instead, for the first step, where the CPU budget
+    allows (Note [device states after the first step]); marks them UnitPlan.promote and moves their bytes."""
+    chosen = [(u, p) for u, p in zip(units, plan.units) if p.states_home == "gpu" and p.numel_train]
+    grads = sum(_grad_bytes(u, "gpu", "cpu", plan.itemsize, grad_accum) for u, _ in chosen)
+    states = sum(_a(p.numel_train * STATE_BYTES) for _, p in chosen)
+    if not chosen or (cpu_budget is not None and plan.arena_bytes + grads + states > cpu_budget):
+        return
+    for _, p in chosen:
+        p.states_home, p.promote = "cpu", True
+        plan.bytes["gpu"] -= p.numel_train * STATE_BYTES
+        plan.bytes["cpu"] += p.numel_train * STATE_BYTES
+    plan.buffers["cpu_grads"] += grads
+    plan.buffers["cpu_arena"] += grads + states
+    plan.notes.append(f"gpu*: states of {len(chosen)} units ({fmt_bytes(states)}) start in host memory and move to "
+                      f"the device after the first step, as far as its measured activations leave room and the "
+                      f"CPU AdamW would not hide under backward")
+
+
+# Note [device states after the first step]
+# How much of the device activations need is known only once a step has run (batch, sequence, the loss's
+# temporaries: a 32k-token batch's float logits alone take 4 GiB), so states placed on the device beside
+# ACTIVATION_SHARE could crowd out a first step that needs more. Where host memory allows, those states start
+# in the arena, updated by the CPU AdamW; after the first step (engine._promote_states) they move to the
+# device, in placement order, while the step's measured peak leaves room under gpu_memory and while the CPU
+# AdamW's time exceeds what backward hides (otherwise the device bytes are worth more to activations: act_auto
+# gets what is left). A unit that does not move stays a CPU-state unit; its arena bytes were held from the
+# start, so nothing is allocated on the host later.
 
 
 def _place_beside(units, act_reserve, staging, kw):
@@ -331,7 +374,7 @@ def state_traffic_bytes(units, plans, itemsize, micro_batches=1):
             fetch += 2 * pb * m                # forward and backward fetch
         if p.update_on == "device":
             update += 2 * u.numel_train * STATE_BYTES   # master/m/v in and back out (Note [device-side AdamW])
-        elif p.states_home in ("cpu", "nvme"):
+        elif p.states_home in ("cpu", "nvme") and not p.promote:   # promoted: priced where it is headed
             update += tb * m                   # gradients out
             adam += u.numel_train // k
             if p.params_home == "gpu":
@@ -371,7 +414,8 @@ def assign_update_sites(plan, rates, *, gpu_room, share=None):
     the CPU AdamW against PCIe, from rates). gpu_room: device bytes free for the staging buffers. Updates
     plan in place (update_on, the host gradient buffers they no longer need, the prediction)."""
     from .device_update import chunk_elems, staging_bytes
-    cand = [p for p in plan.units if p.states_home == "cpu" and p.params_home == "gpu" and p.numel_train]
+    cand = [p for p in plan.units if p.states_home == "cpu" and p.params_home == "gpu" and p.numel_train
+            and not p.promote]
     if not cand:
         return
     staging = staging_bytes(chunk_elems(max(p.numel_train for p in cand))) if plan.device.startswith("cuda") else 0
@@ -486,7 +530,7 @@ def plan_for_batch(units, shape, batch, rates=None, micro_batches=1, **kw):
     engine_placement's keywords, rates defaulting to `rates`. Returns (Plan, ActivationPlan); raises
     BudgetError when the placement does not fit or no activation policy fits the reserve."""
     kw.setdefault("rates", dict(DEFAULT_RATES, **{k: v for k, v in (rates or {}).items() if v is not None}))
-    plan = engine_placement(units, **kw)
+    plan = engine_placement(units, defer=False, **kw)   # the batch is priced: the steady state is shown
     opts = activation_options(shape, batch, kw["itemsize"])
     if not str(kw["device"]).startswith("cuda"):
         return plan, opts[0]

@@ -128,13 +128,24 @@ def disk_rates(path, nbytes):
 def gpu_rates(nbytes, n_mm, repeats=3):
     """(h2d, d2h, both-at-once GB/s, bf16 matmul TFLOPS, free bytes) on the current CUDA device."""
     import torch
-    rates = _gpu_transfer_and_matmul(nbytes, n_mm, repeats)   # its buffers are gone when it returns
+    rates = (*pcie_rates(nbytes, repeats), matmul_tflops(n_mm, repeats))   # their buffers are gone by now
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info()
     return (*rates, free)
 
 
-def _gpu_transfer_and_matmul(nbytes, n_mm, repeats):
+def _timed_cuda(fn, repeats):
+    import torch
+
+    def run():
+        fn()
+        torch.cuda.synchronize()
+    run()
+    return _best(run, repeats)
+
+
+def pcie_rates(nbytes, repeats=3):
+    """(h2d, d2h, both-at-once) GB/s of pinned copies on the current CUDA device; takes 2 * nbytes there."""
     import torch
     dev = torch.device("cuda")
     host_a = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
@@ -142,27 +153,24 @@ def _gpu_transfer_and_matmul(nbytes, n_mm, repeats):
     d_a = torch.empty(nbytes, dtype=torch.uint8, device=dev)
     d_b = torch.empty(nbytes, dtype=torch.uint8, device=dev)
     s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
-
-    def timed(fn):
-        def run():
-            fn()
-            torch.cuda.synchronize()
-        run()
-        return _best(run, repeats)
-
-    h2d = nbytes / timed(lambda: d_a.copy_(host_a, non_blocking=True)) / 1e9
-    d2h = nbytes / timed(lambda: host_b.copy_(d_b, non_blocking=True)) / 1e9
+    h2d = nbytes / _timed_cuda(lambda: d_a.copy_(host_a, non_blocking=True), repeats) / 1e9
+    d2h = nbytes / _timed_cuda(lambda: host_b.copy_(d_b, non_blocking=True), repeats) / 1e9
 
     def both():
         with torch.cuda.stream(s1):
             d_a.copy_(host_a, non_blocking=True)
         with torch.cuda.stream(s2):
             host_b.copy_(d_b, non_blocking=True)
-    bidir = 2 * nbytes / timed(both) / 1e9
-    a = torch.randn(n_mm, n_mm, device=dev, dtype=torch.bfloat16)
-    b = torch.randn(n_mm, n_mm, device=dev, dtype=torch.bfloat16)
-    tflops = 2 * n_mm ** 3 * 4 / timed(lambda: [a @ b for _ in range(4)]) / 1e12
-    return h2d, d2h, bidir, tflops
+    return h2d, d2h, 2 * nbytes / _timed_cuda(both, repeats) / 1e9
+
+
+def matmul_tflops(n, repeats=3):
+    """bf16 n x n matmul TFLOPS on the current CUDA device; takes 3 * 2 * n * n bytes there."""
+    import torch
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(a)
+    return 2 * n ** 3 * 4 / _timed_cuda(lambda: [torch.matmul(a, b, out=out) for _ in range(4)], repeats) / 1e12
 
 
 def probe(nvme_paths=(), quick=False):

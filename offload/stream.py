@@ -70,6 +70,9 @@ class Streamer:
         self.act_adjusted = False
         self.param_storages = set()
         self.current = None    # the unit acquired last: where an out-of-memory error is reported
+        self.open_scopes = []  # activation scopes whose saved-tensor hooks are entered (innermost last)
+        self.pending_device_bytes = 0   # device bytes promised to states that move there after step 1
+        self.on_first_backward = None   # callable -> device bytes it claims (engine._plan_promotion)
         self.last_scope = None
 
     # ---- installation ---------------------------------------------------------------------------------
@@ -116,6 +119,23 @@ class Streamer:
         for u in self.units:   # units prefetched in vain (Note [prefetch order])
             if not self.calls.get(u.index):
                 self.tiers.release(u)
+
+    def abort_forward(self):
+        """A forward that raised (out of memory, a bad input): the saved-tensor hooks it entered are left in
+        innermost-first order, as a stack must be, or every later op on this thread would be saved into a dead
+        scope; the units it holds are given back, and the partial step is forgotten, so the engine stays
+        usable (a smaller batch, say)."""
+        for scope in reversed(self.open_scopes):
+            scope.hooks.__exit__(None, None, None)
+        self.open_scopes = []
+        for u in self.units:
+            u.extra.pop("mem_before", None)
+            u.extra.pop("fwd_timer", None)
+            if u.extra.get("users"):
+                u.extra["users"] = 0
+        self.calls = {}
+        self.end_forward()
+        self.phase = "idle"
 
     def begin_backward(self):
         self.end_forward()
@@ -191,6 +211,7 @@ class Streamer:
                 if getattr(call.scope, "stash", None) is not None:
                     self.last_scope = call.scope   # Note [swap-in prefetch]
                 call.scope.hooks.__enter__()
+                self.open_scopes.append(call.scope)
             if policy == "auto" and self.cuda:
                 u.extra["mem_before"] = torch.cuda.memory_allocated(self.device)
             if self.cuda and not self.act_adjusted and u.plan.activations == "auto" and u.kind == "block":
@@ -204,6 +225,7 @@ class Streamer:
             self.profiler.end_work(call.t0, KIND_COMPUTE, u.index)
         if call.scope is not None:
             call.scope.hooks.__exit__(None, None, None)
+            self.open_scopes.remove(call.scope)
             call.scope.exit()
         if "fwd_timer" in u.extra:
             act_auto.stop_timer(u.extra["fwd_timer"], self.device)
@@ -239,7 +261,7 @@ class Streamer:
         # from its measured peak (adjust_after_first_step).
         remaining = sum(1 for v in self.units if v.kind == "block" and v.index >= u.index)
         budget = self.plan.budgets.get("gpu")
-        used = torch.cuda.memory_allocated(self.device)
+        used = torch.cuda.memory_allocated(self.device) + self.pending_device_bytes
         choice = "keep"
         if "recompute" in self.act_decided.values():
             choice = "recompute"
@@ -251,8 +273,15 @@ class Streamer:
         return choice if choice == "recompute" else "auto"
 
     def adjust_after_first_step(self):
-        """"auto" after the first step: keep / swap / split / recompute per block (Note [auto activations])."""
-        act_auto.adjust(self)
+        """After the first backward: the engine's states claim device room first (Note [device states after
+        the first step]), then "auto" picks keep / swap / split / recompute per block from what is left
+        (Note [auto activations])."""
+        claimed = 0
+        if self.on_first_backward is not None:
+            hook, self.on_first_backward = self.on_first_backward, None
+            claimed = hook()
+            self.pending_device_bytes = 0
+        act_auto.adjust(self, claimed)
 
     def _recompute_ctx(self):
         streamer = self

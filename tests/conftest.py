@@ -27,6 +27,15 @@ LOSS_TOL = dict(rtol=1e-5, atol=1e-6)
 STATE_TOL = dict(rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_device_peak():
+    """Each test starts with the CUDA allocator's peak at what is allocated now, as a fresh process would:
+    the engine reads the first step's peak from it (and GPU tests their own)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    yield
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
@@ -112,7 +121,10 @@ def assert_mix(engine, mix):
     assert set(b) == {"gpu", "cpu", "nvme"}, b
     assert all(isinstance(v, int) and v >= 0 for v in b.values()), b
     if mix == "device":
-        assert b["gpu"] > 0 and b["cpu"] == 0 and b["nvme"] == 0, (mix, b)
+        # On a GPU the device's states may start in host memory until the first step has measured the
+        # activations (Note [device states after the first step] in offload/plan.py).
+        held = sum(p.numel_train // p.shards * 12 for p in engine.plan.units if p.promote)
+        assert b["gpu"] > 0 and b["cpu"] == held and b["nvme"] == 0, (mix, b)
     elif mix == "cpu":
         assert b["cpu"] > 0 and b["nvme"] == 0, (mix, b)
     elif mix == "cpu+nvme":

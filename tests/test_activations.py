@@ -172,6 +172,30 @@ def test_engine_policy_parity(policy, tmp_path):
     assert_runs_match(got, ref, model)
 
 
+@pytest.mark.parametrize("policy", ["recompute", "swap", 0.5], ids=str)
+def test_forward_that_raises_leaves_no_hooks_and_training_goes_on(policy, tmp_path):
+    """A block's forward raises (as an out-of-memory error would) after its activation scope's saved-tensor
+    hooks were entered: the hooks are left (else every later op on the thread is saved into a dead scope and
+    its backward replays the wrong block), the units are given back, and training then equals plain
+    PyTorch's on the same batches."""
+    from conftest import make_engine, train_engine
+    model = make_gpt()
+    batches = token_batches(3)
+    ref = run_reference(model, batches)
+    with make_engine(copy.deepcopy(model), mix="cpu", tmp_path=tmp_path, activations=policy) as eng:
+        victim = eng.module.blocks[1]
+        real = victim.forward
+        victim.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("injected"))
+        with pytest.raises(RuntimeError, match="injected"):
+            eng(**batches[0])
+        victim.forward = real
+        x = torch.ones(3, requires_grad=True)
+        (x * x).sum().backward()             # saved by autograd itself, no scope in between
+        assert torch.equal(x.grad, 2 * torch.ones(3))
+        got = train_engine(eng, batches)
+    assert_runs_match(got, ref, model)
+
+
 @pytest.mark.parametrize("policy", [0.5, "swap"], ids=str)
 def test_engine_hf_llama_split_parity(policy, tmp_path):
     model = make_hf("llama")

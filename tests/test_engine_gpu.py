@@ -258,3 +258,35 @@ def test_device_tier_update_issues_no_host_sync(tmp_path):
             eng.unit_opt.update_device(u, eng.optimizer.hyper(), 1.0)
         finally:
             torch.cuda.set_sync_debug_mode(0)
+
+
+# ------------------------------------------------------------ device states after the first step
+
+@pytest.mark.parametrize("safety, moved", [(None, "all"), (0.999, "none")])
+def test_device_states_move_after_the_first_step_as_far_as_room_allows(tmp_path, monkeypatch, safety, moved):
+    """Note [device states after the first step]: the states planned for the device start in host memory;
+    after the first step they move there when the measured peak leaves room (all, with a roomy budget), and
+    stay CPU-state units otherwise (no room: the safety margin takes the whole budget). Training equals the
+    reference either way, and the plan's bytes say where the states are."""
+    from offload import act_auto
+    from conftest import tier_kwargs
+    import offload
+    if safety is not None:
+        monkeypatch.setattr(act_auto, "AUTO_SAFETY", safety)
+    model, batches = make_gpt(), token_batches(STEPS)
+    ref = run_reference(model, batches, hp=GPU_HP, device="cuda", autocast_dtype=BF16)
+    with offload.engine(copy.deepcopy(model), optimizer=offload.AdamW(**GPU_HP), device="cuda", dtype=BF16,
+                        **tier_kwargs(model, "device", tmp_path)) as eng:
+        held = [u for u in eng.units if u.plan.promote]
+        assert held and all(u.plan.states_home == "cpu" and u.st.master.device.type == "cpu" for u in held)
+        assert "gpu*" in str(eng.plan)
+        gpu_before = eng.plan.bytes["gpu"]
+        got = train_engine(eng, batches, device="cuda")
+        assert not any(u.plan.promote for u in eng.units)
+        on_device = [u for u in held if u.plan.states_home == "gpu"]
+        assert len(on_device) == (len(held) if moved == "all" else 0), [u.plan.states_home for u in held]
+        assert all(u.st.master.device.type == "cuda" and u.st.dgrad is not None for u in on_device)
+        assert all(u.st.master.device.type == "cpu" for u in held if u not in on_device)
+        assert eng.plan.bytes["gpu"] == gpu_before + sum(u.shard.train * 12 for u in on_device)
+        assert any(n.startswith("after the first step") for n in eng.plan.notes), eng.plan.notes
+    assert_bf16_close(got, ref, model)

@@ -137,7 +137,7 @@ def test_batch_is_fitted_into_the_engines_activation_reserve(tiny):
     p2, act = planmod.plan_for_batch(units, shape, 4, rates=slow_gpu, gpu_budget=budget, **kw)
     assert act.policy == "keep"
     assert [(u.params_home, u.states_home) for u in p2.units] == [
-        (u.params_home, u.states_home) for u in planmod.engine_placement(units, gpu_budget=budget, rates=slow_gpu, **kw).units]
+        (u.params_home, u.states_target) for u in planmod.engine_placement(units, gpu_budget=budget, rates=slow_gpu, **kw).units]
     too_small = int(opts[2].device_bytes / planmod.ACTIVATION_SHARE) - 10
     with pytest.raises(planmod.BudgetError, match="keeps for them"):
         planmod.plan_for_batch(units, shape, 4, gpu_budget=too_small, **kw)
@@ -155,7 +155,7 @@ def test_engine_placement_reserves_activations_then_staging_then_assigns_update_
     staging = staging_bytes(chunk_elems(max(u.numel_train for u in units)))
     ref = planmod.plan_placement(units, act_reserve=reserve + staging, **kw)
     assert p.act_reserve == reserve
-    assert [(u.params_home, u.states_home) for u in p.units] == [(u.params_home, u.states_home) for u in ref.units]
+    assert [(u.params_home, u.states_target) for u in p.units] == [(u.params_home, u.states_home) for u in ref.units]
     planmod.assign_update_sites(ref, slow_cpu, gpu_room=staging)
     assert [u.update_on for u in p.units] == [u.update_on for u in ref.units]
     assert any(u.update_on == "device" for u in p.units)
@@ -167,6 +167,32 @@ def test_engine_placement_reserves_activations_then_staging_then_assigns_update_
     # the CPU: no activation reserve, no device-side AdamW unless a test forces a share
     c = planmod.engine_placement(units, rates=slow_cpu, **dict(kw, device="cpu"))
     assert c.act_reserve == 0 and all(u.update_on == "host" for u in c.units)
+
+
+def test_device_states_start_in_host_memory_where_it_has_room(tiny):
+    """Note [device states after the first step]: on CUDA the states placed on the device start in the arena
+    (marked promote, shown as gpu*), their bytes and host gradient buffers counted there; a CPU budget without
+    room for them keeps them on the device from the start; the CPU and several ranks never defer."""
+    units, _ = tiny
+    kw = dict(itemsize=2, device="cuda", gpu_budget=64 << 20, nvme=None, grad_accum=1, activations="auto",
+              eager=False, rates=PROFILE)
+    at_once = planmod.plan_placement(units, act_reserve=int((64 << 20) * planmod.ACTIVATION_SHARE),
+                                     **{k: v for k, v in kw.items() if k not in ("eager", "rates")}, cpu_budget=1 << 30)
+    on_gpu = [u for u in at_once.units if u.states_home == "gpu"]
+    assert on_gpu and all(u.params_home == "gpu" for u in at_once.units)
+    p = planmod.engine_placement(units, cpu_budget=1 << 30, **kw)
+    moved = sum(u.numel_train * planmod.STATE_BYTES for u in on_gpu)
+    assert [u.name for u in p.units if u.promote] == [u.name for u in on_gpu]
+    assert all(u.states_home == "cpu" and u.states_target == "gpu" for u in p.units if u.promote)
+    assert p.bytes["gpu"] == at_once.bytes["gpu"] - moved and p.bytes["cpu"] == at_once.bytes["cpu"] + moved
+    assert p.buffers["cpu_arena"] >= at_once.buffers["cpu_arena"] + moved
+    assert "gpu*" in str(p) and "first step" in p.notes[-1]
+    assert p.predicted_step_s == pytest.approx(at_once.predicted_step_s)   # priced where they are headed
+    tight = planmod.engine_placement(units, cpu_budget=p.buffers["cpu_arena"] - 1, **kw)
+    assert not any(u.promote for u in tight.units) and tight.bytes == at_once.bytes
+    cpu = planmod.engine_placement(units, cpu_budget=1 << 30, **dict(kw, device="cpu"))
+    ranks = planmod.engine_placement(units, cpu_budget=1 << 30, sharded=True, **kw)
+    assert not any(u.promote for u in cpu.units + ranks.units)
 
 
 def test_activation_reserve_shrinks_for_a_working_set_that_needs_more():
