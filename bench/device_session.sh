@@ -48,7 +48,7 @@ for p in ${PARTS:-tests trace act}; do
     trace) part trace "${TRACE_S:-190}" python3 bench/trace_overhead.py --rounds 1 --steps 4 --warmup 2 \
              --png "$out/timeline-reference.png" --keep-trace "$out/reference.trace.json" ;;
     act) part activations "${ACT_S:-170}" python3 bench/activations.py --workloads long-context \
-             --policies auto,recompute --steps 3 --warmup 2 --timeout 80 ;;
+             --policies auto,recompute --steps 3 --warmup 2 --timeout 150 ;;
     reference) deepspeed_env; part reference "${REF_S:-480}" python3 bench/reference.py \
              --systems offload,deepspeed,pytorch --steps 5 --warmup 2 --cpu-memory 100GiB --timeout 200 ;;
     lora) part lora "${LORA_S:-300}" python3 bench/lora.py ;;

@@ -226,6 +226,7 @@ class Engine:
         self.tiers.check = self.worker.raise_error
         self.streamer = Streamer(self.units, self.tiers, self.plan, self._on_unit_grads, self.profiler)
         self.streamer.install()
+        self._peak_reset = False
         self._promoting = []   # units whose states move onto the device when this step ends
         deferred = [u for u in self.units if u.plan.promote]
         if deferred:   # Note [device states after the first step] in plan.py
@@ -251,6 +252,12 @@ class Engine:
             (args, kwargs))
         if self.profiler is not None and self.micro % self.grad_accum == 0:
             self.profiler.mark_step(self.micro // self.grad_accum)   # a window's first forward starts a step
+        if self.micro == 0 and self.streamer.measures_first_step and not self._peak_reset:
+            # The first step's own peak decides what moves onto the device and which blocks keep their
+            # activations; the allocator's peak counter also holds whatever ran before (a reference model,
+            # another engine), so it is reset here, once (README: the engine resets it at its first forward).
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._peak_reset = True
         self.streamer.begin_forward()
         try:
             with device_memory_guard(self, "forward"):

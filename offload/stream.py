@@ -272,6 +272,13 @@ class Streamer:
             self.act_decided[u.index] = choice
         return choice if choice == "recompute" else "auto"
 
+    @property
+    def measures_first_step(self):
+        """Whether the first step's device peak decides anything: states waiting to move onto the device, or
+        blocks whose activation policy "auto" picks after it."""
+        return self.cuda and not self.act_adjusted and (
+            self.on_first_backward is not None or any(u.plan.activations == "auto" for u in self.units))
+
     def adjust_after_first_step(self):
         """After the first backward: the engine's states claim device room first (Note [device states after
         the first step]), then "auto" picks keep / swap / split / recompute per block from what is left

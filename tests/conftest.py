@@ -27,15 +27,6 @@ LOSS_TOL = dict(rtol=1e-5, atol=1e-6)
 STATE_TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_device_peak():
-    """Each test starts with the CUDA allocator's peak at what is allocated now, as a fresh process would:
-    the engine reads the first step's peak from it (and GPU tests their own)."""
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    yield
-
-
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
