@@ -40,11 +40,6 @@ def engine(model, *, optimizer=None, device=None, dtype=None, gpu_memory=None, c
                   activations=activations, trace=trace, weights=weights)
 
 
-def _device_state_bytes(u):
-    """Device bytes of a unit's states there: fp32 master, m, v and the gradient the device AdamW reads."""
-    return u.shard.train * (plan_mod.STATE_BYTES + plan_mod.DEVICE_GRAD_BYTES)
-
-
 def _resolve_device(device):
     if device is None:
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -230,7 +225,7 @@ class Engine:
         self._promoting = []   # units whose states move onto the device when this step ends
         deferred = [u for u in self.units if u.plan.promote]
         if deferred:   # Note [device states after the first step] in plan.py
-            self.streamer.pending_device_bytes = sum(_device_state_bytes(u) for u in deferred)
+            self.streamer.pending_device_bytes = sum(plan_mod.device_state_bytes(u.shard.train) for u in deferred)
             self.streamer.on_first_backward = self._plan_promotion
         self.micro = 0
         self.steps_applied = 0
@@ -473,7 +468,7 @@ class Engine:
         rate = cpu_adam_rate(self.device) if hides_s is not None else None
         claimed = 0
         for u in deferred:
-            need = _device_state_bytes(u)
+            need = plan_mod.device_state_bytes(u.shard.train)
             if need > room or (hides_s is not None and host / rate <= hides_s):
                 continue
             self._promoting.append(u)

@@ -155,11 +155,16 @@ def _place_device(units, itemsize, gpu_budget, act_reserve, shards=1):
                 params_home[i] = "gpu"
                 gpu_used += param_b[i]
     for i, u in enumerate(units):
-        need = u.numel_train // shards * (STATE_BYTES + DEVICE_GRAD_BYTES)
+        need = device_state_bytes(u.numel_train // shards)
         if u.numel_train and params_home[i] == "gpu" and gpu_used + need <= gpu_cap:
             states_home[i] = "gpu"
             gpu_used += need
     return params_home, states_home, stream_ws, depth
+
+
+def device_state_bytes(numel_train):
+    """Device bytes of states kept there: fp32 master, m, v and the gradient the device AdamW reads."""
+    return numel_train * (STATE_BYTES + DEVICE_GRAD_BYTES)
 
 
 def _grad_bytes(u, params_home, states_home, itemsize, grad_accum, shards=1):
