@@ -102,14 +102,14 @@ def choose(recomputed, act_bytes, fwd_s, spare, d2h_rate, room, busy_s=0.0):
     return out
 
 
-def adjust(streamer, claimed=0):
+def adjust(streamer, fwd_s, claimed=0):
     """Applies choose() to a streamer after its first step (stream.Streamer.adjust_after_first_step).
-    claimed: device bytes promised to optimizer states moving onto the device now (engine._plan_promotion)."""
+    fwd_s: forward_seconds() of that step; claimed: device bytes promised to optimizer states moving onto
+    the device now (engine._plan_promotion)."""
     s = streamer
     if s.act_adjusted or not s.cuda:
         return
     s.act_adjusted = True     # also stops the timing of block forwards
-    fwd_s = forward_seconds(s)
     for u in s.units:
         u.extra.pop("fwd_timer", None)
     budget = s.plan.budgets.get("gpu")

@@ -452,24 +452,28 @@ class Engine:
             return applied
 
     # ---- device states after the first step (Note [device states after the first step] in plan.py) ---------
-    def _plan_promotion(self):
+    def _plan_promotion(self, fwd_s):
         """Called once, after the first backward: picks the deferred units whose states move onto the
         device, in placement order, while the measured peak leaves room under gpu_memory and, where "auto"
         could use that room for activations instead, while the CPU AdamW would not hide under backward.
+        fwd_s: the first step's forward compute (act_auto.forward_seconds), None where nothing was timed.
         Returns the device bytes they claim; the rest become CPU-state units for good."""
         deferred = [u for u in self.units if u.plan.promote]
         budget = self.plan.budgets["gpu"]
         room = int(budget * (1 - act_auto.AUTO_SAFETY)) - torch.cuda.max_memory_allocated(self.device)
         auto = any(u.plan.activations == "auto" for u in self.units if u.kind == "block")
-        fwd_s = act_auto.forward_seconds(self.streamer) if auto else None
+        fwd_s = fwd_s if auto else None
         hides_s = act_auto.SWAP_HIDE_SHARE * (act_auto.BACKWARD_PLUS_FORWARD - 1) * fwd_s if fwd_s else None
         host = sum(p.numel_train // p.shards for p in self.plan.units
                    if p.states_home in ("cpu", "nvme") and p.update_on == "host")
         rate = cpu_adam_rate(self.device) if hides_s is not None else None
+
+        def cpu_hides():   # the CPU AdamW left on the host already hides under backward
+            return hides_s is not None and host / rate <= hides_s
         claimed = 0
         for u in deferred:
             need = plan_mod.device_state_bytes(u.shard.train)
-            if need > room or (hides_s is not None and host / rate <= hides_s):
+            if need > room or cpu_hides():
                 continue
             self._promoting.append(u)
             room -= need
@@ -481,7 +485,7 @@ class Engine:
         rest = len(deferred) - len(self._promoting)
         if not rest:
             why = "all fit"
-        elif hides_s is not None and host / rate <= hides_s:
+        elif cpu_hides():
             why = (f"the CPU AdamW of the rest ({host / rate:.3f} s) hides under backward ({hides_s:.3f} s), so "
                    f"the device room goes to activations")
         else:

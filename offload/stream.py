@@ -72,7 +72,7 @@ class Streamer:
         self.current = None    # the unit acquired last: where an out-of-memory error is reported
         self.open_scopes = []  # activation scopes whose saved-tensor hooks are entered (innermost last)
         self.pending_device_bytes = 0   # device bytes promised to states that move there after step 1
-        self.on_first_backward = None   # callable -> device bytes it claims (engine._plan_promotion)
+        self.on_first_backward = None   # callable(forward seconds) -> device bytes it claims (engine._plan_promotion)
         self.last_scope = None
 
     # ---- installation ---------------------------------------------------------------------------------
@@ -283,12 +283,15 @@ class Streamer:
         """After the first backward: the engine's states claim device room first (Note [device states after
         the first step]), then "auto" picks keep / swap / split / recompute per block from what is left
         (Note [auto activations])."""
+        if self.act_adjusted and self.on_first_backward is None:
+            return
+        fwd_s = act_auto.forward_seconds(self) if self.cuda else None   # read once, for both
         claimed = 0
         if self.on_first_backward is not None:
             hook, self.on_first_backward = self.on_first_backward, None
-            claimed = hook()
+            claimed = hook(fwd_s)
             self.pending_device_bytes = 0
-        act_auto.adjust(self, claimed)
+        act_auto.adjust(self, fwd_s, claimed)
 
     def _recompute_ctx(self):
         streamer = self
