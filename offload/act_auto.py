@@ -102,6 +102,14 @@ def choose(recomputed, act_bytes, fwd_s, spare, d2h_rate, room, busy_s=0.0):
     return out
 
 
+def device_room(budget, device):
+    """Device bytes the first step left unused under budget (less the AUTO_SAFETY margin), for states moving
+    onto the device and blocks keeping their activations. Measured from the allocator's reserved peak, not
+    the allocated one: the cap bounds reserved segments, and a large allocation (a long sequence's float
+    logits) fails under a cap whose free bytes are split across segments."""
+    return int(budget * (1 - AUTO_SAFETY)) - torch.cuda.max_memory_reserved(device)
+
+
 def adjust(streamer, fwd_s, claimed=0):
     """Applies choose() to a streamer after its first step (stream.Streamer.adjust_after_first_step).
     fwd_s: forward_seconds() of that step; claimed: device bytes promised to optimizer states moving onto
@@ -115,7 +123,7 @@ def adjust(streamer, fwd_s, claimed=0):
     budget = s.plan.budgets.get("gpu")
     if budget is None or not s.act_peak or fwd_s is None:
         return
-    spare = int(budget * (1 - AUTO_SAFETY)) - torch.cuda.max_memory_allocated(s.device) - claimed
+    spare = device_room(budget, s.device) - claimed
     recomputed = sorted(i for i, p in s.act_decided.items() if p == "recompute")
     d2h = device_to_host_rate(s.device, max(0, spare)) or 0.0     # unknown: nothing is swapped
     busy_s = state_traffic_bytes(s.units, s.plan.units, s.plan.itemsize)["pcie"] / 2 / d2h if d2h else 0.0

@@ -460,7 +460,7 @@ class Engine:
         Returns the device bytes they claim; the rest become CPU-state units for good."""
         deferred = [u for u in self.units if u.plan.promote]
         budget = self.plan.budgets["gpu"]
-        room = int(budget * (1 - act_auto.AUTO_SAFETY)) - torch.cuda.max_memory_allocated(self.device)
+        room = act_auto.device_room(budget, self.device)
         auto = any(u.plan.activations == "auto" for u in self.units if u.kind == "block")
         fwd_s = fwd_s if auto else None
         hides_s = act_auto.SWAP_HIDE_SHARE * (act_auto.BACKWARD_PLUS_FORWARD - 1) * fwd_s if fwd_s else None
@@ -499,6 +499,9 @@ class Engine:
         their arena bytes stay held (the arena is one region), their updates run on the device from now."""
         self.worker.sync()
         self.worker.raise_error()
+        # The step's cached segments go back first, so the states get segments of their own instead of being
+        # carved out of the large ones the next step's activations and logits need whole.
+        torch.cuda.empty_cache()
         for u in self._promoting:
             st, p = u.st, u.plan
             with torch.no_grad():
