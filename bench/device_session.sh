@@ -45,7 +45,7 @@ for p in ${PARTS:-tests trace act}; do
     tests) part tests "${TESTS_S:-170}" bash -c "python3 -m pytest -q -p no:cacheprovider tests/test_engine_gpu.py \
              tests/test_trace_gpu.py tests/test_device_oom.py tests/test_device_update.py; a=\$?; \
              python3 -m pytest -q -p no:cacheprovider tests/test_activations.py -k gpu; exit \$((a | \$?))" ;;
-    trace) part trace "${TRACE_S:-190}" python3 bench/trace_overhead.py --rounds 1 --steps 4 --warmup 2 \
+    trace) part trace "${TRACE_S:-300}" python3 bench/trace_overhead.py --rounds 1 --steps 4 --warmup 2 --timeout 170 \
              --png "$out/timeline-reference.png" --keep-trace "$out/reference.trace.json" ;;
     act) part activations "${ACT_S:-170}" python3 bench/activations.py --workloads long-context \
              --policies auto,recompute --steps 3 --warmup 2 --timeout 150 ;;

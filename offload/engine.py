@@ -251,6 +251,9 @@ class Engine:
             # The first step's own peak decides what moves onto the device and which blocks keep their
             # activations; the allocator's peak counter also holds whatever ran before (a reference model,
             # another engine), so it is reset here, once (README: the engine resets it at its first forward).
+            # The room is read from the reserved peak (act_auto.device_room): cached segments left by that
+            # earlier work go back first.
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
             self._peak_reset = True
         self.streamer.begin_forward()
