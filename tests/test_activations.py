@@ -8,6 +8,7 @@ import copy
 import json
 import types
 
+from hypothesis import given, strategies as st
 import pytest
 import torch
 
@@ -248,16 +249,29 @@ def test_auto_keeps_what_fits_then_swaps_what_hides_then_splits():
 
 def test_auto_swap_limited_by_hidden_traffic_and_split_takes_the_remainder():
     """Forward 0.05 s at 5 GB/s hides 0.9*250 MB = 225 MB: two 100 MiB blocks swapped whole (209.7 MB), the
-    remaining 15.3 MB is 0.15 of a block: the next block splits with a = 0.15, the rest recompute."""
+    remaining 15.3 MB is 0.15 of a block: one more block splits with a = 0.15, the rest recompute; the three
+    are spread over the forward, one recomputed block between each."""
     from offload.act_auto import choose
     got = choose(list(range(6)), 100 * MiB, 0.05, 0, 5e9, 1 << 40)
-    assert [got[i] for i in range(6)] == ["swap", "swap", 0.15, "recompute", "recompute", "recompute"], got
+    assert [got[i] for i in range(6)] == ["swap", "recompute", "swap", "recompute", 0.15, "recompute"], got
 
 
 def test_auto_swap_limited_by_host_memory():
     from offload.act_auto import choose
     got = choose(list(range(6)), 100 * MiB, 10.0, 0, 10e9, 250 * MiB)
-    assert [got[i] for i in range(6)] == ["swap", "swap", 0.5, "recompute", "recompute", "recompute"], got
+    assert [got[i] for i in range(6)] == ["swap", "recompute", "swap", "recompute", 0.5, "recompute"], got
+
+
+@given(n=st.integers(1, 64), data=st.data())
+def test_spread_positions_are_distinct_in_range_and_evenly_apart(n, data):
+    from offload.act_auto import spread
+    k = data.draw(st.integers(0, n))
+    got = spread(n, k)
+    assert len(set(got)) == k and all(0 <= i < n for i in got) and got == sorted(got)
+    gaps = [b - a for a, b in zip(got, got[1:])]
+    assert not gaps or max(gaps) - min(gaps) <= 1
+    if k:
+        assert got[0] == 0
 
 
 def test_auto_nothing_recomputed_changes_nothing():
