@@ -1,5 +1,5 @@
 """What trace= costs: the reference workload (bench/reference.py's model, batches, GPU cap and timed loop)
-run by offload with tracing off and on, in alternating worker processes (off, on; then on, off; ...), so
+run by offload with tracing off and on, in alternating worker processes (on, off; then off, on; ...), so
 drift of the machine over the run falls on both alike. Reports the median step time of each, the overhead
 (the issue's limit: 2% of step time) and the per-round ratios; recorded with bench/record.py. With --png,
 draws the last traced step with `offload timeline` (the README's picture).
@@ -12,6 +12,7 @@ unchanged, so the workload is the one `bench/reference.py --systems offload` mea
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -61,7 +62,7 @@ def main():
     tmp = tempfile.mkdtemp(prefix="offload-trace-")
     trace = os.path.join(tmp, "run.trace.json")
     for r in range(a.rounds):
-        order = ("off", "on") if r % 2 == 0 else ("on", "off")
+        order = ("on", "off") if r % 2 == 0 else ("off", "on")
         medians = {}
         for mode in order:
             res, err = run_worker(passthrough, trace if mode == "on" else None, a.timeout)
@@ -70,6 +71,8 @@ def main():
                 return 1
             times[mode] += res["times"]
             medians[mode] = statistics.median(res["times"])
+            if mode == "on":   # the picture as soon as a traced run ends, so a cut-off untraced half keeps it
+                draw(trace, a, warmup + steps - 1)
         ratios.append(medians["on"] / medians["off"])
     off, on = statistics.median(times["off"]), statistics.median(times["on"])
     overhead = 100.0 * (on / off - 1.0)
@@ -81,13 +84,17 @@ def main():
     record(row)
     print(json.dumps(row), flush=True)
     print(f"trace off {off:.4f} s, on {on:.4f} s: overhead {overhead:+.2f}% (limit {LIMIT_PCT}%)", flush=True)
+    return 0
+
+
+def draw(trace, a, step):
+    """Keeps the trace (--keep-trace) and draws its last step (--png) with `offload timeline`."""
     if a.keep_trace:
-        os.replace(trace, a.keep_trace)
+        shutil.copyfile(trace, a.keep_trace)
         trace = a.keep_trace
     if a.png:
         from offload.cli import main as cli
-        cli(["timeline", trace, "-o", a.png, "--step", str(warmup + steps - 1)])
-    return 0
+        cli(["timeline", trace, "-o", a.png, "--step", str(step)])
 
 
 def _flag(argv, name, default):

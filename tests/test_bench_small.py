@@ -70,3 +70,18 @@ def test_plan_check_records_prediction_beside_measurement(tmp_path):
     (row,) = rows
     assert row["bench"] == "plan-check" and row["placement_matches"]
     assert row["error_pct"] == pytest.approx(100 * (row["predicted_step_s"] - row["step_s"]) / row["step_s"], abs=0.2)
+
+
+def test_trace_overhead_draws_the_traced_run_and_records_both(tmp_path):
+    """bench/trace_overhead.py with one round: the traced worker runs first and its picture is drawn as soon
+    as it ends (a cut-off untraced half keeps it); the row has both medians."""
+    png, kept = tmp_path / "t.png", tmp_path / "t.trace.json"
+    proc, rows = _run(tmp_path, "trace_overhead.py", "--rounds", "1", "--png", str(png), "--keep-trace", str(kept),
+                      "--device", "cpu", "--hidden", "32", "--inter", "64", "--layers", "2", "--heads", "2",
+                      "--vocab", "128", "--seq", "16", "--mb", "2", "--steps", "2", "--warmup", "1")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = rows
+    assert len(row["step_times_on"]) == len(row["step_times_off"]) == 2
+    runs = [line for line in proc.stdout.splitlines() if line.startswith("== ")]
+    assert ["--trace" in line for line in runs] == [True, False], runs
+    assert png.stat().st_size > 1000 and json.loads(kept.read_text())
