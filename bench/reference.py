@@ -15,6 +15,7 @@ the host never holds a whole-model copy. A worker killed by --timeout still leav
 with the steps it finished.
 """
 import argparse
+import faulthandler
 import json
 import math
 import os
@@ -219,6 +220,9 @@ def run_deepspeed(a):
 
 def worker(a):
     import torch
+    stacks_after = os.environ.get("OFFLOAD_STACKS_AFTER")
+    if stacks_after:   # a worker about to be killed at its timeout first prints where every thread is
+        faulthandler.dump_traceback_later(float(stacks_after), exit=False)
     fn = {"offload": run_offload, "pytorch": run_pytorch, "deepspeed": run_deepspeed}[a.worker]
     cuda = a.device == "cuda"
     if cuda:
@@ -306,6 +310,7 @@ def run_worker(cmd, env, timeout, stream=False):
     """Runs a worker; returns (its stdout and stderr, whether it was killed at timeout seconds). stream: echo
     its lines as they come (long runs show progress); otherwise the caller prints the tail."""
     import threading
+    env = dict(env, OFFLOAD_STACKS_AFTER=str(max(5, timeout - 15)))   # worker(): stacks before the kill
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     lines = []
 

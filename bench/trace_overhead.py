@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 
@@ -27,19 +26,15 @@ LIMIT_PCT = 2.0
 
 def run_worker(passthrough, trace, timeout):
     """One reference.py offload worker: its step times (warm-up excluded) and, when it failed, why."""
+    from reference import run_worker as run
     cmd = [sys.executable, os.path.join(HERE, "reference.py"), "--worker", "offload"] + passthrough
     if trace:
         cmd += ["--trace", trace]
     print("==", " ".join(cmd), flush=True)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        out = proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as e:
-        out = (e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")) + "\nTIMEOUT"
+    out, timed_out = run(cmd, dict(os.environ, PYTHONUNBUFFERED="1"), timeout)
     res = next((json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")), None)
-    if res is None:
-        print("\n".join(out.splitlines()[-30:]), flush=True)
+    if res is None:   # a killed worker's log ends with every thread's stack (reference.worker)
+        print("\n".join(out.splitlines()[-(120 if timed_out else 30):]), flush=True)
         return None, out.strip().splitlines()[-1][:300] if out.strip() else "no output"
     print(f"   steps: {[round(t, 4) for t in res['times']]}", flush=True)
     return res, None

@@ -240,13 +240,18 @@ def test_close_drains_device_side_adamw_copies(monkeypatch):
     torch.cuda.synchronize()
 
 
+# The room after the first step is read from the allocator's reserved peak (act_auto.device_room), whose
+# segments (2 and 20 MiB) alone outgrow the "device" mix's budget of a few times a tiny model's states.
+ROOMY_GPU = 1 << 30
+
+
 def test_device_tier_update_issues_no_host_sync(tmp_path):
     """UnitOptimizer.update_device (states on the device) queues its AdamW without a host sync: a step count
     made by a blocking copy would stall step() once per unit."""
     import offload
     from conftest import tier_kwargs
     model = make_gpt()
-    kw = tier_kwargs(model, "device", tmp_path)
+    kw = dict(tier_kwargs(model, "device", tmp_path), gpu_memory=ROOMY_GPU)
     # activations="keep": with "auto" the states stay on the host where the CPU AdamW hides under backward
     # (it does on a model this small), and this test needs a unit whose states moved onto the device.
     with offload.engine(copy.deepcopy(model), optimizer=offload.AdamW(**GPU_HP), device="cuda", dtype=BF16,
@@ -278,8 +283,9 @@ def test_device_states_move_after_the_first_step_as_far_as_room_allows(tmp_path,
         monkeypatch.setattr(act_auto, "AUTO_SAFETY", safety)
     model, batches = make_gpt(), token_batches(STEPS)
     ref = run_reference(model, batches, hp=GPU_HP, device="cuda", autocast_dtype=BF16)
+    kw = dict(tier_kwargs(model, "device", tmp_path), gpu_memory=ROOMY_GPU)
     with offload.engine(copy.deepcopy(model), optimizer=offload.AdamW(**GPU_HP), device="cuda", dtype=BF16,
-                        activations="keep", **tier_kwargs(model, "device", tmp_path)) as eng:
+                        activations="keep", **kw) as eng:
         held = [u for u in eng.units if u.plan.promote]
         assert held and all(u.plan.states_home == "cpu" and u.st.master.device.type == "cpu" for u in held)
         assert "gpu*" in str(eng.plan)
