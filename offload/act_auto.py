@@ -14,8 +14,9 @@ block). After it:
    takes longer than its compute wherever swapping pays at all (a 32k-token block: 58 ms of copy, 16 ms of
    forward), so back-to-back swapped blocks pile their copies up on the device in forward and stall each
    other's swap-in in backward, where the prefetch of one swapped block starts with the backward of the
-   next; spread out, each copy runs under the compute of the recomputed blocks between them: out during forward, back during backward, each direction within SWAP_HIDE_SHARE of
-   the step's compute less the state traffic. The forward's compute is the median block's, measured by
+   next; spread out, each copy runs under the compute of the recomputed blocks between them. Copies go
+   out during forward and come back during backward, each direction within SWAP_HIDE_SHARE of the step's
+   compute less the state traffic. The forward's compute is the median block's, measured by
    CUDA events, times the blocks; the rate is the machine profile's device->host one (or a pinned copy
    measured now, inside the memory the budget leaves: nothing is swapped when it leaves too little to
    measure). The host copies must fit the CPU memory left beside the arena. Hidden traffic costs nothing;
