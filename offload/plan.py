@@ -342,9 +342,9 @@ def defer_device_states(plan, units, cpu_budget, grad_accum):
 # temporaries: a 32k-token batch's float logits alone take 4 GiB), so states placed on the device beside
 # ACTIVATION_SHARE could crowd out a first step that needs more. Where host memory allows, those states start
 # in the arena, updated by the CPU AdamW; after the first step (engine._promote_states) they move to the
-# device, in placement order, while the step's reserved peak (act_auto.device_room) leaves room under gpu_memory and while the CPU
-# AdamW's time exceeds what backward hides (otherwise the device bytes are worth more to activations: act_auto
-# gets what is left). A unit that does not move stays a CPU-state unit; its arena bytes were held from the
+# device, in placement order, while the step's reserved peak (act_auto.device_room) leaves room under
+# gpu_memory and while the CPU AdamW's time exceeds what backward hides (otherwise the device bytes are worth
+# more to activations: act_auto gets what is left). A unit that does not move stays a CPU-state unit; its arena bytes were held from the
 # start, so nothing is allocated on the host later.
 
 
