@@ -8,7 +8,8 @@
 #   reference    offload vs DeepSpeed ZeRO-3 CPU vs GPU-resident PyTorch, one run                  ~8 min
 #   lora         LoRA rank 16 on the largest preset that fits (bench/lora.py)                      ~5 min
 #   w:ARGS       reference.py's offload worker alone, 3 steps after 2 warm-up, its whole log kept;
-#                ARGS are its extra flags with commas for spaces (w:--activations,recompute)     ~1.5 min
+#                ARGS are its extra flags with commas for spaces (w:--activations,recompute); a run
+#                about to hit WORKER_S prints every thread's stack first                          ~1.5 min
 #   OFFLOAD_COMMIT=<hash> PARTS="tests trace act" bash bench/device_session.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -52,7 +53,8 @@ for p in ${PARTS:-tests trace act}; do
     reference) deepspeed_env; part reference "${REF_S:-480}" python3 bench/reference.py \
              --systems offload,deepspeed,pytorch --steps 5 --warmup 2 --cpu-memory 100GiB --timeout 200 ;;
     lora) part lora "${LORA_S:-300}" python3 bench/lora.py ;;
-    w:*) args=${p#w:}; part "worker${args//[^a-z0-9]/-}" "${WORKER_S:-200}" python3 bench/reference.py \
+    w:*) args=${p#w:}; part "worker${args//[^a-z0-9]/-}" "${WORKER_S:-200}" \
+             env OFFLOAD_STACKS_AFTER=$(( ${WORKER_S:-200} - 15 )) python3 bench/reference.py \
              --worker offload --steps 3 --warmup 2 ${args//,/ } ;;
     *) echo "unknown part $p" >&2; status=2 ;;
   esac
