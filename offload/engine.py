@@ -277,10 +277,14 @@ class Engine:
         if self.grad_accum > 1:
             loss = loss / self.grad_accum
         self.streamer.begin_backward()
-        with device_memory_guard(self, "backward"):
-            loss.backward()
-            if self.streamer.phase != "idle":   # no hook fired (nothing required grad): finish by hand
-                self.streamer.end_backward()
+        try:
+            with device_memory_guard(self, "backward"):
+                loss.backward()
+                if self.streamer.phase != "idle":   # no hook fired (nothing required grad): finish by hand
+                    self.streamer.end_backward()
+        except BaseException:
+            self.streamer.abort_backward()
+            raise
         self.worker.raise_error()
         if self._final:
             self._awaiting_step = True

@@ -109,7 +109,8 @@ class Worker:
                 if self.error is None:
                     fn()
             except BaseException as e:  # surfaced in the caller's thread
-                self.error = e
+                with self.cv:
+                    self.error = e
                 if self.on_error is not None:
                     self.on_error()
             finally:
@@ -139,8 +140,14 @@ class Worker:
         self.raise_error()
 
     def raise_error(self):
-        if self.error is not None:
+        """Raises a failure of the worker thread, once, in the caller's thread. on_error runs again first: a
+        caller that cleared an event before its submit() found the failure would otherwise leave that event
+        waiting for a closure that was never queued."""
+        with self.cv:
             e, self.error = self.error, None
+        if e is not None:
+            if self.on_error is not None:
+                self.on_error()
             raise e
 
     def close(self):

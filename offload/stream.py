@@ -137,6 +137,16 @@ class Streamer:
         self.end_forward()
         self.phase = "idle"
 
+    def abort_backward(self):
+        """A backward that raised (out of memory, a failed optimizer update surfacing in a gradient hook): the
+        units it holds are given back and the partial pass is forgotten, so the next forward starts cleanly;
+        gradients already handed to the optimizer stay handed."""
+        self.calls = {}
+        for u in self.units:
+            self.tiers.release(u)
+        self.phase = "idle"
+        self.backward_callback_queued = False
+
     def begin_backward(self):
         self.end_forward()
         self.phase = "backward"

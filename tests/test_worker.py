@@ -55,3 +55,20 @@ def test_error_reraised_in_caller_and_later_closures_skipped():
         w.sync()
     assert ran == []
     w.close()
+
+
+def test_raise_error_unblocks_again_before_raising():
+    """A caller may clear an event and then find the failure in submit(): the on_error that ran on the
+    worker thread came before that clear, so raise_error runs it again, and the error is raised once."""
+    unblocked = []
+    w = Worker(on_error=lambda: unblocked.append(threading.current_thread().name))
+    w.submit(lambda: 1 / 0, priority=0)
+    with w.cv:
+        w.cv.wait_for(lambda: w.pending == 0)
+    assert len(unblocked) == 1
+    with pytest.raises(ZeroDivisionError):
+        w.submit(lambda: None, priority=0)
+    assert unblocked[-1] == threading.current_thread().name and len(unblocked) == 2
+    w.submit(lambda: None, priority=0)     # raised once: the worker runs closures again
+    w.sync()
+    w.close()
