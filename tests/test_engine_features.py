@@ -535,3 +535,50 @@ def test_optimizer_failure_raises_once_and_training_goes_on(mix, fail_at, tmp_pa
     eng.close()
     assert [str(e) for e in errors] == ["injected optimizer failure"]
     assert len(losses) >= 3 and all(math.isfinite(x) for x in losses) and applied[-1] is True
+
+
+def _promotion_case(monkeypatch, room, units=4, numel=1000, host_other=0, auto=False, fwd_s=None, rate=1e9):
+    """Engine._plan_promotion on stand-ins of an engine after its first backward: `units` deferred blocks of
+    `numel` trainable elements, `host_other` more elements updated by the CPU AdamW, `room` device bytes left
+    (act_auto.device_room), a CPU AdamW of `rate` elements/s. Returns (indices promoted, claimed, the note)."""
+    import importlib
+    from types import SimpleNamespace as NS
+    from offload import act_auto
+    engine_mod = importlib.import_module("offload.engine")   # the module; offload.engine is the function
+    monkeypatch.setattr(act_auto, "device_room", lambda budget, device: room)
+    monkeypatch.setattr(engine_mod, "cpu_adam_rate", lambda device: rate)
+    policy = "auto" if auto else "keep"
+    plans = [NS(promote=True, activations=policy, states_home="cpu", update_on="host", numel_train=numel,
+                shards=1) for _ in range(units)]
+    plans.append(NS(promote=False, activations=policy, states_home="cpu", update_on="host",
+                    numel_train=host_other, shards=1))
+    us = [NS(index=i, plan=p, kind="block", shard=NS(train=p.numel_train)) for i, p in enumerate(plans)]
+    fake = NS(units=us, plan=NS(budgets={"gpu": 1 << 40}, units=plans, notes=[]), device=None, _promoting=[])
+    claimed = engine_mod.Engine._plan_promotion(fake, fwd_s)
+    assert not any(p.promote for p in plans)
+    return [u.index for u in fake._promoting], claimed, fake.plan.notes[-1]
+
+
+def test_promotion_takes_deferred_states_in_order_while_room_lasts(monkeypatch):
+    """Note [device states after the first step]: each promoted unit claims its master/m/v and the fp32
+    gradient the device AdamW reads (16 bytes an element); units go in placement order until the room ends."""
+    got, claimed, note = _promotion_case(monkeypatch, room=1 << 30)
+    assert got == [0, 1, 2, 3] and claimed == 4 * 16 * 1000 and "all fit" in note
+    got, claimed, note = _promotion_case(monkeypatch, room=2 * 16 * 1000 + 15)
+    assert got == [0, 1] and claimed == 2 * 16 * 1000 and "states of 2 of 4" in note and "15 B" in note
+    got, claimed, note = _promotion_case(monkeypatch, room=-5)
+    assert got == [] and claimed == 0 and "0 B of gpu_memory" in note
+
+
+def test_promotion_with_auto_stops_once_the_cpu_adamw_hides_under_backward(monkeypatch):
+    """With "auto" activations the room is worth more to them once the CPU AdamW left on the host hides under
+    backward: SWAP_HIDE_SHARE * 2 forwards. Forward 1 s, rate 1000 elements/s: backward hides 1800 elements;
+    4 deferred units of 1000 and 500 more on the host: 4500 -> promote 0 (3500), 1 (2500), 2 (1500) -> hides."""
+    got, claimed, note = _promotion_case(monkeypatch, room=1 << 30, host_other=500, auto=True, fwd_s=1.0,
+                                         rate=1000.0)
+    assert got == [0, 1, 2] and claimed == 3 * 16 * 1000
+    assert "hides under backward" in note and "(1.500 s)" in note and "(1.800 s)" in note
+    got, _, note = _promotion_case(monkeypatch, room=1 << 30, host_other=500, auto=True, fwd_s=10.0, rate=1000.0)
+    assert got == [] and "hides under backward" in note     # 4.5 s of CPU AdamW under 18 s: nothing moves
+    got, _, _ = _promotion_case(monkeypatch, room=1 << 30, host_other=500, auto=False, fwd_s=10.0, rate=1000.0)
+    assert got == [0, 1, 2, 3]                              # keep: no activations to give the room to
