@@ -261,7 +261,7 @@ class Engine:
             with device_memory_guard(self, "forward"):
                 out = self.module(*args, **kwargs)
         except BaseException:
-            self.streamer.abort_forward()
+            self.streamer.abort()
             raise
         self.streamer.end_forward()
         return out
@@ -283,7 +283,7 @@ class Engine:
                 if self.streamer.phase != "idle":   # no hook fired (nothing required grad): finish by hand
                     self.streamer.end_backward()
         except BaseException:
-            self.streamer.abort_backward()
+            self.streamer.abort()
             raise
         self.worker.raise_error()
         if self._final:

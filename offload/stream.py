@@ -120,11 +120,13 @@ class Streamer:
             if not self.calls.get(u.index):
                 self.tiers.release(u)
 
-    def abort_forward(self):
-        """A forward that raised (out of memory, a bad input): the saved-tensor hooks it entered are left in
-        innermost-first order, as a stack must be, or every later op on this thread would be saved into a dead
-        scope; the units it holds are given back, and the partial step is forgotten, so the engine stays
-        usable (a smaller batch, say)."""
+    def abort(self):
+        """A forward or backward that raised (out of memory, a bad input, a failed optimizer update surfacing
+        in a gradient hook): the saved-tensor hooks still entered are left in innermost-first order, as a
+        stack must be, or every later op on this thread would be saved into a dead scope; each unit's use
+        count is cleared, or a unit whose backward never ran would not be given back after its next use; the
+        units held are given back and the partial pass is forgotten, so the engine stays usable (a smaller
+        batch, say). Gradients already handed to the optimizer stay handed."""
         for scope in reversed(self.open_scopes):
             scope.hooks.__exit__(None, None, None)
         self.open_scopes = []
@@ -134,16 +136,7 @@ class Streamer:
             if u.extra.get("users"):
                 u.extra["users"] = 0
         self.calls = {}
-        self.end_forward()
-        self.phase = "idle"
-
-    def abort_backward(self):
-        """A backward that raised (out of memory, a failed optimizer update surfacing in a gradient hook): the
-        units it holds are given back and the partial pass is forgotten, so the next forward starts cleanly;
-        gradients already handed to the optimizer stay handed."""
-        self.calls = {}
-        for u in self.units:
-            self.tiers.release(u)
+        self.end_forward()    # no calls left: gives back every unit
         self.phase = "idle"
         self.backward_callback_queued = False
 

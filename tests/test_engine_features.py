@@ -582,3 +582,24 @@ def test_promotion_with_auto_stops_once_the_cpu_adamw_hides_under_backward(monke
     assert got == [] and "hides under backward" in note     # 4.5 s of CPU AdamW under 18 s: nothing moves
     got, _, _ = _promotion_case(monkeypatch, room=1 << 30, host_other=500, auto=False, fwd_s=10.0, rate=1000.0)
     assert got == [0, 1, 2, 3]                              # keep: no activations to give the room to
+
+
+def test_backward_that_raises_gives_its_units_back_and_training_goes_on(tmp_path):
+    """A block's backward raises (a hook, an out-of-memory error): the pass is forgotten, so no block is left
+    counting a use from it (it would then not be given back after its next backward), and training goes on
+    with finite losses."""
+    armed = [True]
+
+    def boom(module, grad_in, grad_out):
+        if armed[0]:
+            armed[0] = False
+            raise RuntimeError("injected backward failure")
+    with make_engine(copy.deepcopy(make_gpt()), mix="cpu", tmp_path=tmp_path) as eng:
+        eng.module.blocks[3].register_full_backward_hook(boom)
+        with pytest.raises(RuntimeError, match="injected"):
+            eng.backward(eng(**token_batches(1)[0]).loss)
+        got = train_engine(eng, token_batches(3))
+        blocks = [u for u in eng.units if u.kind == "block"]
+        users = [(u.name, u.extra.get("users")) for u in blocks]
+    assert all(math.isfinite(x) for x in got.losses)
+    assert blocks and all(not n for _, n in users), users
