@@ -125,8 +125,9 @@ class Streamer:
         in a gradient hook): the saved-tensor hooks still entered are left in innermost-first order, as a
         stack must be, or every later op on this thread would be saved into a dead scope; each unit's use
         count is cleared, or a unit whose backward never ran would not be given back after its next use; the
-        units held are given back and the partial pass is forgotten, so the engine stays usable (a smaller
-        batch, say). Gradients already handed to the optimizer stay handed."""
+        units held are given back and the partial pass is forgotten (with the use order it was recording,
+        Note [prefetch order]), so the engine stays usable (a smaller batch, say). Gradients already handed
+        to the optimizer stay handed."""
         for scope in reversed(self.open_scopes):
             scope.hooks.__exit__(None, None, None)
         self.open_scopes = []
@@ -136,6 +137,9 @@ class Streamer:
             if u.extra.get("users"):
                 u.extra["users"] = 0
         self.calls = {}
+        for phase, recorded in self.recorded.items():
+            if not recorded:     # a first pass cut short: its prefix is no order to prefetch by
+                self.seq[phase] = []
         self.end_forward()    # no calls left: gives back every unit
         self.phase = "idle"
         self.backward_callback_queued = False

@@ -603,3 +603,29 @@ def test_backward_that_raises_gives_its_units_back_and_training_goes_on(tmp_path
         users = [(u.name, u.extra.get("users")) for u in blocks]
     assert all(math.isfinite(x) for x in got.losses)
     assert blocks and all(not n for _, n in users), users
+
+
+@pytest.mark.parametrize("phase", ["forward", "backward"])
+def test_a_first_pass_that_raises_records_no_partial_prefetch_order(phase, tmp_path):
+    """The first forward and backward record the order units are used in, which later steps prefetch by
+    (Note [prefetch order]). A first pass that raises part-way must not leave its prefix recorded as the
+    order: the next complete pass records the whole of it, as an engine with no failure does."""
+    def orders(fail):
+        armed = [fail]
+
+        def boom(*_):
+            if armed[0]:
+                armed[0] = False
+                raise RuntimeError("injected")
+        with make_engine(copy.deepcopy(make_gpt()), mix="cpu", tmp_path=tmp_path / str(fail)) as eng:
+            block = eng.module.blocks[3]
+            if phase == "forward":
+                block.register_forward_pre_hook(boom)
+            else:
+                block.register_full_backward_hook(boom)
+            if fail:
+                with pytest.raises(RuntimeError, match="injected"):
+                    eng.backward(eng(**token_batches(1)[0]).loss)
+            train_engine(eng, token_batches(2))
+            return {p: list(eng.streamer.seq[p]) for p in ("forward", "backward")}
+    assert orders(True) == orders(False)
