@@ -16,12 +16,12 @@ block). After it:
    other's swap-in in backward, where the prefetch of one swapped block starts with the backward of the
    next; spread out, each copy runs under the compute of the recomputed blocks between them. Copies go
    out during forward and come back during backward, each direction within SWAP_HIDE_SHARE of the step's
-   compute less the state traffic. The forward's compute is the median block's, measured by
-   CUDA events, times the blocks; the rate is the machine profile's device->host one (or a pinned copy
-   measured now, inside the memory the budget leaves: nothing is swapped when it leaves too little to
-   measure). The host copies must fit the CPU memory left beside the arena. Hidden traffic costs nothing;
-   a recompute costs a forward of the block. Where the link is already the binding resource (the reference
-   workload streams its optimizer states through it), nothing is swapped.
+   compute less the state traffic. The forward's compute is the median block's, measured by CUDA events,
+   times the blocks; the rate is the machine profile's device->host one (or a pinned copy measured now,
+   inside the memory the budget leaves: nothing is swapped when it leaves too little to measure). The
+   host copies must fit the CPU memory left beside the arena. Hidden traffic costs nothing; a recompute
+   costs a forward of the block. Where the link is already the binding resource (the reference workload
+   streams its optimizer states through it), nothing is swapped.
 3. split: the traffic still hidden after that gives the next block a token-wise split with the fraction
    it covers (at least SPLIT_MIN): its leaves after attention then recompute fewer rows.
 The rest stay recomputed. The choice is written into the plan (str(engine.plan)).
