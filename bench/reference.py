@@ -49,15 +49,24 @@ def model_flops(a):
 
 
 def build(a, dtype):
+    """The model with offload's seeded RandomInit weights, the same for every system. Built on the meta device
+    and filled here: transformers' own initialiser draws 3.4B normals one at a time on the CPU, over two
+    minutes on the GPU machine, which ate the workers' time limits."""
     import torch
     from transformers import LlamaForCausalLM
-    torch.manual_seed(0)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
+    from offload.weights import RandomInit, materialise_buffers
+    with torch.device("meta"):
         model = LlamaForCausalLM(model_config(a))
-    finally:
-        torch.set_default_dtype(prev)
+    init = RandomInit()
+    for owner in model.modules():
+        for n, p in list(owner._parameters.items()):
+            if p is None or not p.is_meta:
+                continue   # a tied weight, filled through its first owner
+            fqn = next(k for k, q in model.named_parameters() if q is p)
+            data = init.values(fqn, p, owner).view(p.shape).to(dtype)
+            owner._parameters[n] = torch.nn.Parameter(data, requires_grad=p.requires_grad)
+    model.tie_weights()
+    materialise_buffers(model, init)
     return model
 
 
