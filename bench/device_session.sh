@@ -5,6 +5,7 @@
 #   tests        the GPU tests (engine, trace, out-of-memory, device-side AdamW, activations)   ~2 min
 #   trace        trace on vs off on the reference workload, and the README's timeline picture     ~3 min
 #   act          long-context activations: auto vs full recompute (1.35B, seq 32768)             ~3 min
+#                (ACT_WORKLOADS=long-context,reference ACT_POLICIES=auto,recompute,keep pick others)
 #   reference    offload vs DeepSpeed ZeRO-3 CPU vs GPU-resident PyTorch, one run                  ~8 min
 #   lora         LoRA rank 16 on the largest preset that fits (bench/lora.py)                      ~5 min
 #   w:ARGS       reference.py's offload worker alone, 3 steps after 2 warm-up, its whole log kept;
@@ -48,8 +49,8 @@ for p in ${PARTS:-tests trace act}; do
              python3 -m pytest -q -p no:cacheprovider tests/test_activations.py -k gpu; exit \$((a | \$?))" ;;
     trace) part trace "${TRACE_S:-300}" python3 bench/trace_overhead.py --rounds 1 --steps 4 --warmup 2 --timeout 170 \
              --png "$out/timeline-reference.png" --keep-trace "$out/reference.trace.json" ;;
-    act) part activations "${ACT_S:-170}" python3 bench/activations.py --workloads long-context \
-             --policies auto,recompute --steps 3 --warmup 2 --timeout 150 ;;
+    act) part activations "${ACT_S:-170}" python3 bench/activations.py --workloads "${ACT_WORKLOADS:-long-context}" \
+             --policies "${ACT_POLICIES:-auto,recompute}" --steps 3 --warmup 2 --timeout 150 ;;
     reference) deepspeed_env; part reference "${REF_S:-480}" python3 bench/reference.py \
              --systems offload,deepspeed,pytorch --steps 5 --warmup 2 --cpu-memory 100GiB --timeout 200 ;;
     lora) part lora "${LORA_S:-300}" python3 bench/lora.py ;;

@@ -8,7 +8,9 @@ block). After it:
 1. keep: the memory left under the budget at that step's peak (less what optimizer states moving onto the
    device now claim, Note [device states after the first step]) lets the last recomputed blocks keep their
    activations instead (they are the first ones backward needs); one block's worth stays free for the
-   swap-in prefetch when anything is swapped.
+   swap-in prefetch when anything is swapped, and with less than that left nothing is (a swapped block
+   back before its backward sits beside the one running; without room, the head's float logits gradient
+   met that copy at the cap: out of memory at lm_head on the long-context workload).
 2. swap: of the blocks still recomputed, some are swapped whole while the copies fit the link beside the
    model state it already carries, spread evenly over the forward from its first block: a block's copy
    takes longer than its compute wherever swapping pays at all (a 32k-token block: 58 ms of copy, 16 ms of
@@ -104,8 +106,13 @@ def choose(recomputed, act_bytes, fwd_s, spare, d2h_rate, room, busy_s=0.0):
 
     n_keep = min(len(recomputed), max(0, spare // act_bytes))
     swap, split, keep, a = assign(n_keep)
-    if (swap or split is not None) and n_keep and (n_keep + 1) * act_bytes > spare:
-        swap, split, keep, a = assign(n_keep - 1)   # one block's worth stays free for the swap-in prefetch
+    if (swap or split is not None) and (n_keep + 1) * act_bytes > spare:
+        # One block's worth stays free for the swap-in prefetch: backward holds a swapped block's copy beside
+        # the block it is running, where recompute holds one at a time.
+        if n_keep:
+            swap, split, keep, a = assign(n_keep - 1)
+        else:
+            swap, split = [], None
     out.update({i: "swap" for i in swap})
     out.update({i: "keep" for i in keep})
     if split is not None:

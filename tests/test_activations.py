@@ -252,13 +252,13 @@ def test_auto_swap_limited_by_hidden_traffic_and_split_takes_the_remainder():
     remaining 15.3 MB is 0.15 of a block: one more block splits with a = 0.15, the rest recompute; the three
     are spread over the forward, one recomputed block between each."""
     from offload.act_auto import choose
-    got = choose(list(range(6)), 100 * MiB, 0.05, 0, 5e9, 1 << 40)
+    got = choose(list(range(6)), 100 * MiB, 0.05, 100 * MiB, 5e9, 1 << 40)
     assert [got[i] for i in range(6)] == ["swap", "recompute", "swap", "recompute", 0.15, "recompute"], got
 
 
 def test_auto_swap_limited_by_host_memory():
     from offload.act_auto import choose
-    got = choose(list(range(6)), 100 * MiB, 10.0, 0, 10e9, 250 * MiB)
+    got = choose(list(range(6)), 100 * MiB, 10.0, 100 * MiB, 10e9, 250 * MiB)
     assert [got[i] for i in range(6)] == ["swap", "recompute", "swap", "recompute", 0.5, "recompute"], got
 
 
@@ -272,6 +272,15 @@ def test_spread_positions_are_distinct_in_range_and_evenly_apart(n, data):
     assert not gaps or max(gaps) - min(gaps) <= 1
     if k:
         assert got[0] == 0
+
+
+def test_auto_swaps_nothing_without_room_for_one_swapped_block():
+    """Traffic that would hide but less than a block's worth of device memory left: the swap-in prefetch
+    would hold a copy beside the block running, over the budget; everything stays recomputed."""
+    from offload.act_auto import choose
+    for spare in (0, 100 * MiB - 1):
+        got = choose(list(range(6)), 100 * MiB, 10.0, spare, 10e9, 1 << 40)
+        assert set(got.values()) == {"recompute"}, (spare, got)
 
 
 def test_auto_nothing_recomputed_changes_nothing():
