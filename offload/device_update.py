@@ -20,6 +20,7 @@ engine's CPU AdamW (exact fp32 parity with torch.optim.AdamW), which is how the 
 import torch
 
 from .adam import unit_adamw_
+from .tiers import KIND_D2H, KIND_H2D
 
 CHUNK = 8 << 20   # elements per staged chunk: 96 MiB of fp32 states, large enough for full-rate copies
 STAGES = 2
@@ -53,11 +54,13 @@ class DeviceUpdater:
             self.stages = [torch.empty(4, self.chunk, dtype=torch.float32, device=self.device) for _ in range(STAGES)]
         return self.stages[k % STAGES]
 
-    def update(self, u, grad, segments, hyper, grad_ready=None, found_inf=None):
+    def update(self, u, grad, segments, hyper, grad_ready=None, found_inf=None, prof=None):
         """Queues AdamW over u's segments [(offset, numel, step)] with its gradients `grad` (flat, on the
         device). grad_ready: event after which grad is complete. found_inf: a device flag; when set, the
-        fused kernel leaves everything unchanged. Returns the event the unit's next use must wait for (None
-        on the CPU, where it is done on return)."""
+        fused kernel leaves everything unchanged. prof: the run's Profiler, which gets each chunk's copies
+        of the states in and out as h2d and d2h spans (on the reference workload they are most of what
+        crosses PCIe). Returns the event the unit's next use must wait for (None on the CPU, where it is
+        done on return)."""
         st = u.st
         lr, betas, eps, wd = hyper
         if not self.cuda:
@@ -82,8 +85,11 @@ class DeviceUpdater:
                 with torch.cuda.stream(load):
                     if self.freed[k % STAGES] is not None:
                         load.wait_event(self.freed[k % STAGES])
+                    t_in = prof.begin_work(KIND_H2D, u.index, load) if prof else None
                     for row, src in enumerate(host):
                         buf[row, :c].copy_(src[c0:c0 + c], non_blocking=True)
+                    if t_in is not None:
+                        prof.end_work(t_in, KIND_H2D, u.index, 12 * c, load)
                     master, m, v, g = buf[0, :c], buf[1, :c], buf[2, :c], buf[3, :c]
                     g.copy_(grad[c0:c0 + c])   # the fused kernel takes one dtype for all four
                     torch._fused_adamw_([master], [g], [m], [v], [], [step_t], lr=lr, beta1=betas[0],
@@ -94,8 +100,11 @@ class DeviceUpdater:
                     computed.record(load)
                 with torch.cuda.stream(store):
                     store.wait_event(computed)
+                    t_out = prof.begin_work(KIND_D2H, u.index, store) if prof else None
                     for row, dst in enumerate(host):
                         dst[c0:c0 + c].copy_(buf[row, :c], non_blocking=True)
+                    if t_out is not None:
+                        prof.end_work(t_out, KIND_D2H, u.index, 12 * c, store)
                     freed = torch.cuda.Event()
                     freed.record(store)
                 self.freed[k % STAGES] = freed

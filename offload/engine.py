@@ -23,7 +23,7 @@ from .profiler import Profiler
 from .shard import current_comm
 from .sizes import fmt_bytes, parse_size
 from .stream import Streamer
-from .tiers import KIND_D2H, KIND_OPTIM, Tiers
+from .tiers import KIND_D2H, KIND_H2D, KIND_OPTIM, Tiers
 from .weights import Folder, load_units, materialise_buffers, open_source
 
 ACTIVATION_SHARE = plan_mod.ACTIVATION_SHARE   # of gpu_memory, on CUDA, kept for activations (plan.py)
@@ -380,7 +380,7 @@ class Engine:
             ready.record()
             upd.load.wait_event(ready)   # here, not in update(): the traced span starts once the gradients are in
             t0 = prof.begin_work(KIND_OPTIM, u.index, upd.load) if prof else None
-            st.update_event = upd.update(u, grad, segments, hyper, found_inf=flag)
+            st.update_event = upd.update(u, grad, segments, hyper, found_inf=flag, prof=prof)
             if t0 is not None:
                 prof.end_work(t0, KIND_OPTIM, u.index, u.numel_train * 24, upd.load)
         else:
@@ -509,20 +509,24 @@ class Engine:
         # The step's cached segments go back first, so the states get segments of their own instead of being
         # carved out of the large ones the next step's activations and logits need whole.
         torch.cuda.empty_cache()
+        prof = self.profiler
         for u in self._promoting:
             st, p = u.st, u.plan
+            nbytes = u.shard.train * plan_mod.STATE_BYTES
+            t_copy = prof.begin_work(KIND_H2D, u.index) if prof else None
             with torch.no_grad():
                 st.master, st.exp_avg, st.exp_avg_sq = (t.to(self.device) for t in (st.master, st.exp_avg,
                                                                                    st.exp_avg_sq))
                 st.dgrad = torch.zeros(u.shard.train, dtype=torch.float32, device=self.device)
+            if t_copy is not None:
+                prof.end_work(t_copy, KIND_H2D, u.index, nbytes)
             st.grad = st.acc = st.out = None
             p.states_home = "gpu"
-            nbytes = u.shard.train * plan_mod.STATE_BYTES
             self.plan.bytes["gpu"] += nbytes
             self.plan.bytes["cpu"] -= nbytes
             self.tiers.count("h2d", nbytes)
-            if self.profiler:
-                self.profiler.name_unit(u.index, u.name, p.params_home, p.states_home)
+            if prof:
+                prof.name_unit(u.index, u.name, p.params_home, p.states_home)
         self._promoting = []
 
     def _step(self):

@@ -171,7 +171,7 @@ def test_peak_gpu_memory_within_budget(tmp_path, with_nvme):
 
 # ------------------------------------------------------------------- device-side AdamW of arena states
 
-def _device_update_engine(model, share, monkeypatch):
+def _device_update_engine(model, share, monkeypatch, **kw):
     import offload
     from offload import plan as plan_mod
     monkeypatch.setattr(plan_mod, "DEVICE_UPDATE_SHARE", share)
@@ -185,7 +185,7 @@ def _device_update_engine(model, share, monkeypatch):
     # states (16 B/param) cannot fit beside them: arena states
     return offload.engine(model, optimizer=offload.AdamW(**GPU_HP), device="cuda", dtype=BF16,
                           gpu_memory=int((flat_bytes + (8 << 10) + staging) / (1 - ACTIVATION_SHARE)) + 1,
-                          cpu_memory=None)
+                          cpu_memory=None, **kw)
 
 
 @pytest.mark.parametrize("share", [0.5, 1.0])
@@ -198,6 +198,34 @@ def test_device_side_adamw_bf16_parity(share, monkeypatch):
         assert any(p.update_on == "device" for p in eng.plan.units), str(eng.plan)
         got = train_engine(eng, batches, device="cuda")
     assert_bf16_close(got, ref, model)
+
+
+def test_device_side_adamw_copies_are_traced(monkeypatch, tmp_path):
+    """The states a device-side AdamW streams through the GPU (12 bytes an element each way, most of what
+    crosses PCIe on the reference workload) are h2d and d2h spans on the device clock, every step, for every
+    unit updated there, and the trace's bytes per link equal what the engine counted as moved."""
+    from offload.device_update import CHUNK
+    from test_timeline import xs
+    model, batches = make_gpt(), token_batches(3)
+    path = tmp_path / "run.trace.json"
+    with _device_update_engine(copy.deepcopy(model), 1.0, monkeypatch, trace=str(path)) as eng:
+        on_device = {u.name: sum(n for _, n, _ in eng.unit_opt._segments(u)) for u in eng.units
+                     if u.plan.update_on == "device"}
+        assert on_device, str(eng.plan)
+        before = dict(eng.tiers.moved)
+        for b in batches:
+            eng.backward(eng(**{k: v.cuda() for k, v in b.items()}).loss)
+            eng.step()
+        eng.sync()
+        moved = {k: v - before[k] for k, v in eng.tiers.moved.items()}
+    ev = [e for e in xs(path) if e["args"].get("step") is not None]
+    for link in ("h2d", "d2h"):
+        assert sum(e["args"]["bytes"] for e in ev if e["cat"] == link) == moved[link] > 0, link
+        assert all(e["args"]["clock"] == "gpu" for e in ev if e["cat"] == link)
+        for name, n in on_device.items():
+            spans = [e for e in ev if e["cat"] == link and e["args"]["unit"] == name]
+            assert sum(e["args"]["bytes"] for e in spans) >= 12 * n * len(batches), (link, name)
+            assert len(spans) >= len(batches) * -(-n // CHUNK), (link, name)
 
 
 def test_device_side_adamw_small_chunks_and_delays_change_nothing(monkeypatch):
