@@ -156,6 +156,19 @@ class Worker:
             self.thread.join()
 
 
+def fill_unchanged(out, master, segments):
+    """Writes the current parameters (master in out's dtype, which is what they are: every value a parameter
+    ever takes is its master rounded) where no segment updates, for an output buffer that shares its bytes
+    with the gradients: it is copied to the device whole."""
+    at = 0
+    for off, n, _ in sorted(segments):
+        if off > at:
+            out[at:off].copy_(master[at:off])
+        at = max(at, off + n)
+    if at < out.numel():
+        out[at:].copy_(master[at:])
+
+
 class UnitOptimizer:
     """Applies AdamW to one unit wherever its states live. Stateless apart from the per-parameter step
     counts kept on the unit (torch.optim.AdamW counts steps per parameter, and skips parameters that got
@@ -211,7 +224,10 @@ class UnitOptimizer:
         else:
             out_slot = t.param_slots.acquire()   # keep the whole slot: it goes back to the ring as it came
             out = out_slot[:u.shard.local * t.itemsize].view(t.dtype)
-        for off, n, step in self._segments(u):
+        segments = self._segments(u)
+        if out is st.grad:
+            fill_unchanged(out, master, segments)
+        for off, n, step in segments:
             sl = slice(off, off + n)
             unit_adamw_(master[sl], grad[sl], m[sl], v[sl], lr=lr, betas=betas, eps=eps, weight_decay=wd,
                    step=step, out=out[sl], grad_scale=scale)

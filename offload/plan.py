@@ -175,9 +175,7 @@ def _grad_bytes(u, params_home, states_home, itemsize, grad_accum, shards=1):
     b = _a(train * itemsize)
     if grad_accum > 1:
         b += _a(train * 4)
-    if params_home == "gpu":
-        b += _a(train * itemsize)  # CPU AdamW output, copied to the device
-    return b
+    return b   # the CPU AdamW's output for the device is written over the gradients (tiers.Tiers._allocate_unit)
 
 
 def _host_needs(units, params_home, states_home, itemsize, grad_accum, shards=1):

@@ -230,7 +230,11 @@ class Tiers:
                     if self.grad_accum > 1:
                         st.acc = self._host(n, torch.float32)
                     if p.params_home == "gpu":
-                        st.out = self._host(n, self.dtype)
+                        # The AdamW output (copied to the device) is written over the gradients it was
+                        # computed from, element by element after reading them: the buffer is free by then,
+                        # and a second one would cost the arena itemsize bytes an element (a quarter of a
+                        # 10B model's host memory beside its states).
+                        st.out = st.grad
 
     def load_initial(self, u, values):
         """values: fp32 CPU flat of u.numel holding the unit's parameters (padding zero), alike on every rank;

@@ -150,6 +150,39 @@ def make_skip(seed=0):
     return SkipMLP()
 
 
+class PartlyUsed(nn.Module):
+    """Owns two matrices directly, so both are in one unit; ``extra`` only acts when asked, so on other steps
+    the unit has gradients for ``weight`` and none for ``extra``."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d, d) / d ** 0.5)
+        self.extra = nn.Parameter(torch.randn(d, d) / d ** 0.5)
+
+    def forward(self, h, use_extra):
+        out = h @ self.weight.T
+        return out + h @ self.extra.T if use_extra else out
+
+
+class PartlyUsedMLP(nn.Module):
+    """SkipMLP's contract (batches from skip_batches) with the skipped parameter inside a unit that trains."""
+
+    def __init__(self, d=64):
+        super().__init__()
+        self.inp = nn.Linear(16, d)
+        self.mid = PartlyUsed(d)
+        self.head = nn.Linear(d, 4)
+
+    def forward(self, x, y, use_branch):
+        pred = self.head(F.gelu(self.mid(F.gelu(self.inp(x)), use_branch)))
+        return Out(loss=F.mse_loss(pred, y), logits=pred)
+
+
+def make_partly_used(seed=0):
+    torch.manual_seed(seed)
+    return PartlyUsedMLP()
+
+
 def skip_batches(pattern, seed=1, batch=8):
     """One batch per entry of ``pattern`` (bools: whether the branch runs)."""
     g = _seeded(seed)

@@ -6,6 +6,7 @@ The CUDA path (side streams, staging chunks, the fused kernel) is in test_engine
 import copy
 
 import pytest
+from hypothesis import given, strategies as st
 import torch
 
 import offload
@@ -132,3 +133,37 @@ def test_fused_adamw_contract():
     torch.testing.assert_close(p, ref[0].detach(), rtol=1e-5, atol=1e-6)
     with pytest.raises(RuntimeError):
         torch._fused_adamw_([p], [g.bfloat16()], [m], [v], [], [step], **kw)
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_host_update_of_resident_params_leaves_gradless_ones_alone(monkeypatch, grad_accum):
+    """Parameters resident on the compute side, their states in the arena and every update on the host
+    (share 0): the AdamW output copied back to the device shares its buffer with the gradients, so a unit
+    where only some parameters got a gradient must hand back the others unchanged, not the gradient bytes
+    under them."""
+    from models import make_partly_used, skip_batches
+    from test_engine_features import SKIP_PATTERN
+    model, data = make_partly_used(), skip_batches(SKIP_PATTERN)
+    ref = run_reference(model, data, grad_accum=grad_accum)
+    with _engine(copy.deepcopy(model), 0.0, monkeypatch, grad_accum=grad_accum) as eng:
+        assert [s.name for u in eng.units for s in u.slots if u.name == "mid"] == ["mid.weight", "mid.extra"]
+        mid = next(p for p in eng.plan.units if p.name == "mid")
+        assert (mid.update_on, mid.params_home, mid.states_home) == ("host", "gpu", "cpu"), str(eng.plan)
+        got = train_engine(eng, data)
+    assert_runs_match(got, ref, model)
+
+
+@given(n=st.integers(1, 200), data=st.data())
+def test_fill_unchanged_writes_master_exactly_outside_the_segments(n, data):
+    from offload.optim import fill_unchanged
+    cuts = sorted(data.draw(st.lists(st.integers(0, n), max_size=8)))
+    bounds = list(zip(cuts[::2], cuts[1::2]))            # disjoint [a, b) in order, possibly empty
+    segments = [(a, b - a, 1) for a, b in data.draw(st.permutations(bounds))]
+    master = torch.randn(n)
+    out = torch.full((n,), -7.0, dtype=torch.bfloat16)
+    fill_unchanged(out, master, segments)
+    inside = torch.zeros(n, dtype=torch.bool)
+    for a, k, _ in segments:
+        inside[a:a + k] = True
+    assert torch.equal(out[~inside], master[~inside].to(torch.bfloat16))
+    assert (out[inside] == -7.0).all()
