@@ -6,9 +6,9 @@ Each (system, micro-batch) runs as one bench/reference.py worker process under i
 that hangs or is slow cannot take the others with it; every run leaves a row in bench/results.jsonl as soon
 as it ends (a killed one a "timeout" row with the steps it finished, one the time budget leaves no room for
 a "skipped" row). Rates are measured once, in this run: PCIe, GEMM and CPU AdamW as reference.py does, and
-the disk on the --nvme path through offload's own store (offload.probe.disk_rates). Offload rows carry
+the disk on the --nvme path through offload's own store (offload.probe.disk_profile). Offload rows carry
 moved_steps (bytes each tier moved over the warm-up and timed steps, setup excluded) and floors.disk_s =
-those disk bytes per step over the measured read and write rates.
+those disk bytes per step at the measured rates (offload.plan.disk_seconds, as the planner prices them).
 
 Expect the offload step to be disk-bound: with 16 GiB of CPU memory most of the 40 GB of fp32 master and
 moments live on the disk and are read and written back every step (tens of seconds at ~1.3 GB/s read and ~2
@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 # hidden, intermediate, layers, heads, vocab, seq, GPU cap (GiB), cpu_memory
 SHAPES = {"reference": (3072, 8192, 28, 24, 32000, 2048, 24, "16GiB"),
-          "tiny": (64, 176, 2, 4, 256, 32, 0.0008, "2200KiB")}   # tiny: states off the device, some on the disk
+          "tiny": (64, 176, 2, 4, 256, 32, 0.0008, "1800KiB")}   # tiny: states off the device, some on the disk
 
 
 def main(argv=None):
@@ -42,7 +42,7 @@ def main(argv=None):
     p.add_argument("--systems", default="offload,deepspeed")
     p.add_argument("--mbs", default="4,16", help="micro-batch sizes, comma separated")
     p.add_argument("--nvme", default="/tmp/offload-nvme", help="a directory on the local disk")
-    p.add_argument("--cpu-memory", default=None, help="offload's CPU budget (default 16GiB; tiny: 800KiB)")
+    p.add_argument("--cpu-memory", default=None, help="offload's CPU budget (default 16GiB; tiny: 1800KiB)")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--timeout", type=int, default=400, help="seconds per (system, micro-batch) run at most")

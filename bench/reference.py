@@ -245,18 +245,13 @@ def worker(a):
 
 def measure_rates(device="cuda", nvme=None):
     """Rates of this machine measured now: PCIe (pinned), bf16 GEMM, CPU AdamW (native), and with nvme the
-    disk through offload's store on its first path (offload.probe.disk_rates: best over queue depths; disk_gb_s
-    is the harmonic mean of read and write, the rate of the equal mix a step moves). On the CPU only AdamW
-    (and the disk), on a small buffer."""
+    disk through offload's store on its first path (offload.probe.disk_profile: read and write, best over
+    queue depths, and both at once). On the CPU only AdamW (and the disk), on a small buffer."""
     import torch
     r = {}
     if nvme:
-        from offload.probe import disk_rates
-        by_depth, direct = disk_rates(nvme[0], (256 if device == "cuda" else 16) << 20)
-        r["disk_read_gb_s"] = max(x for x, _ in by_depth.values())
-        r["disk_write_gb_s"] = max(w for _, w in by_depth.values())
-        r["disk_gb_s"] = 2 / (1 / r["disk_read_gb_s"] + 1 / r["disk_write_gb_s"])
-        r["disk_o_direct"] = float(direct)
+        from offload.probe import disk_profile
+        r.update(disk_profile(nvme[:1], (256 if device == "cuda" else 16) << 20)[0])
     if device != "cuda":
         from offload.probe import adam_native_rate
         r["cpu_adam_gparams_s"] = adam_native_rate(1 << 20)    # no GPU: no PCIe or GEMM rate, no such floors
@@ -307,11 +302,8 @@ def floors(a, rates, moved=None):
         f["pcie_s"] = 3 * 2 * P / (min(rates["h2d_gb_s"], rates["d2h_gb_s"]) * 1e9)
     if moved and (moved.get("disk_read") or moved.get("disk_write")) and rates.get("disk_gb_s"):
         # moved: bytes over the warm-up and timed steps (the worker's moved_steps, setup excluded)
-        if rates.get("disk_read_gb_s") and rates.get("disk_write_gb_s"):
-            sec = moved["disk_read"] / (rates["disk_read_gb_s"] * 1e9) + moved["disk_write"] / (rates["disk_write_gb_s"] * 1e9)
-        else:
-            sec = (moved["disk_read"] + moved["disk_write"]) / (rates["disk_gb_s"] * 1e9)
-        f["disk_s"] = sec / a.steps_total
+        from offload.plan import disk_seconds   # the planner's formula: floor and prediction agree on it
+        f["disk_s"] = disk_seconds(moved["disk_read"], moved["disk_write"], rates) / a.steps_total
     return f
 
 

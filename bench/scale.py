@@ -57,7 +57,7 @@ def budgets(a):
 def rates(a):
     """A machine profile: --machine, or measured now (on the CPU: nominal rates, the disk measured)."""
     from offload.plan import DEFAULT_RATES
-    from offload.probe import disk_rates, load_profile
+    from offload.probe import disk_profile, load_profile
     if a.machine:
         return load_profile(a.machine)
     r = dict(DEFAULT_RATES)
@@ -71,10 +71,7 @@ def rates(a):
         r.update(json.loads(next(l[6:] for l in out.splitlines() if l.startswith("RATES "))))
     else:
         r["gpu_tflops"] = 0.1   # nominal: the CPU as the compute device (predictions are not the point here)
-    by_depth, _ = disk_rates(a.nvme[0], (256 if a.device == "cuda" else 16) << 20)
-    r["disk_read_gb_s"] = max(x for x, _ in by_depth.values())
-    r["disk_write_gb_s"] = max(w for _, w in by_depth.values())
-    r["disk_gb_s"] = 2 / (1 / r["disk_read_gb_s"] + 1 / r["disk_write_gb_s"])
+    r.update(disk_profile(a.nvme[:1], (256 if a.device == "cuda" else 16) << 20)[0])
     return r
 
 
@@ -127,7 +124,7 @@ def main(argv=None):
     p.add_argument("--size", default=None, help="train this size, whatever the time estimate")
     p.add_argument("--gpu-cap", type=float, default=None,
                    help="GiB (set_per_process_memory_fraction on CUDA; default 24, tiny 8 MiB)")
-    p.add_argument("--cpu-memory", default=None, help="CPU budget (default: 0.8 x MemAvailable; tiny 10MiB)")
+    p.add_argument("--cpu-memory", default=None, help="CPU budget (default: 0.8 x MemAvailable; tiny 8MiB)")
     p.add_argument("--nvme", nargs="+", default=["/tmp/offload-nvme"], help="directories for the disk tier")
     p.add_argument("--machine", default=None, help="a profile from `offload probe` instead of measuring")
     p.add_argument("--seq", type=int, default=2048)
@@ -141,7 +138,7 @@ def main(argv=None):
     tiny = a.preset == "tiny"   # budgets in which tiny-b fits with part of its states on the disk, tiny-c not at all
     a.seq = 32 if tiny and a.seq == 2048 else a.seq
     a.gpu_cap = a.gpu_cap if a.gpu_cap is not None else (8 / 1024 if tiny else 24.0)
-    a.cpu_memory = a.cpu_memory or ("10MiB" if tiny else None)
+    a.cpu_memory = a.cpu_memory or ("8MiB" if tiny else None)
     a.lr = a.lr or (1e-3 if tiny else 1e-4)
     for d in a.nvme:
         os.makedirs(d, exist_ok=True)

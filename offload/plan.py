@@ -392,10 +392,16 @@ def state_traffic_bytes(units, plans, itemsize, micro_batches=1):
             "adam_elems": adam}
 
 
-def _disk_seconds(read, write, r):
-    """Reads and writes share the SSDs: their times add. Separate read/write rates when the profile has them."""
+def disk_seconds(read, write, r):
+    """Seconds the disk needs for `read` and `write` bytes, with a machine profile r. Reads and writes share
+    the SSDs: with the rate of both at once measured (disk_mixed_gb_s), the bytes together at that rate, but
+    never less than either kind alone at its own rate; without it, their times add (separate read and write
+    rates when the profile has them)."""
     if r.get("disk_read_gb_s") and r.get("disk_write_gb_s"):
-        return read / (r["disk_read_gb_s"] * 1e9) + write / (r["disk_write_gb_s"] * 1e9)
+        alone = (read / (r["disk_read_gb_s"] * 1e9), write / (r["disk_write_gb_s"] * 1e9))
+        if r.get("disk_mixed_gb_s"):
+            return max(*alone, (read + write) / (r["disk_mixed_gb_s"] * 1e9))
+        return sum(alone)
     return (read + write) / (r["disk_gb_s"] * 1e9)
 
 
@@ -404,7 +410,7 @@ def predict_state_traffic(units, plans, itemsize, rates=None):
     batch and sequence). Returns (the largest, its resource, all of them)."""
     r = dict(DEFAULT_RATES, **(rates or {}))
     b = state_traffic_bytes(units, plans, itemsize)
-    res = {"pcie": b["pcie"] / (r["pcie_gb_s"] * 1e9), "disk": _disk_seconds(b["disk_read"], b["disk_write"], r),
+    res = {"pcie": b["pcie"] / (r["pcie_gb_s"] * 1e9), "disk": disk_seconds(b["disk_read"], b["disk_write"], r),
            "cpu_adam": b["adam_elems"] / (r["cpu_adam_gparams_s"] * 1e9)}
     worst = max(res, key=res.get)
     return res[worst], worst, res
@@ -608,7 +614,7 @@ def predict_step(plan, shape, tokens_per_step, rates, act=None, micro_batches=1)
     host_rate = r["cpu_adam_gparams_s"] * 1e9 * ADAM_HOST_BYTES
     adam = (b["adam_elems"] * ADAM_HOST_BYTES + b["pcie_update"]) / host_rate if b["adam_elems"] else 0.0
     res = {"gpu": hw / (r["gpu_tflops"] * 1e12 * eff), "pcie": pcie / (r["pcie_gb_s"] * 1e9),
-           "disk": _disk_seconds(b["disk_read"], b["disk_write"], r), "cpu_adam": adam}
+           "disk": disk_seconds(b["disk_read"], b["disk_write"], r), "cpu_adam": adam}
     worst = max(res, key=res.get)
     share = cpu_start_share(plan, shape, model, hw, micro_batches)
     start = res["gpu"] * share if share is not None else 0.0

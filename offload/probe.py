@@ -5,7 +5,9 @@ A profile is a flat JSON object; every rate is a measured (or, for a described m
 - pcie_h2d_gb_s, pcie_d2h_gb_s: each direction alone
 - gpu_tflops: dense bf16 matmul rate; gpu_memory_bytes: free device memory (None without CUDA)
 - disk_read_gb_s, disk_write_gb_s: best rate over queue depths, summed over nvme_paths (the store stripes);
-  disk_gb_s: their harmonic mean, the rate of an equal read/write mix
+  disk_gb_s: their harmonic mean, the rate of an equal read/write mix taken in turns;
+  disk_mixed_gb_s: bytes read plus written per second with reads and writes in flight at once, as a step
+  that streams optimizer states moves them (an SSD overlaps the two in part)
 - cpu_adam_gparams_s: native AdamW (fp32 master/moments, bf16 grad and output), 1e9 elements per second;
   torch_adam_gparams_s: torch.optim.AdamW(fused=True), fp32 throughout, for comparison
 - mem_bw_gb_s: host memory copy bandwidth (bytes read + written); cpu_memory_bytes: total host memory
@@ -19,7 +21,8 @@ import time
 from .errors import ConfigError
 
 PROFILE_KEYS = ("pcie_gb_s", "pcie_h2d_gb_s", "pcie_d2h_gb_s", "gpu_tflops", "gpu_memory_bytes",
-                "disk_read_gb_s", "disk_write_gb_s", "disk_gb_s", "cpu_adam_gparams_s", "torch_adam_gparams_s",
+                "disk_read_gb_s", "disk_write_gb_s", "disk_gb_s", "disk_mixed_gb_s", "cpu_adam_gparams_s",
+                "torch_adam_gparams_s",
                 "mem_bw_gb_s", "cpu_memory_bytes", "nvme_paths")
 QUEUE_DEPTHS = (1, 8, 32)
 IO_CHUNK = 1 << 20
@@ -125,6 +128,68 @@ def disk_rates(path, nbytes):
     return out, direct
 
 
+def disk_mixed_rate(path, nbytes, depth=QUEUE_DEPTHS[-1]):
+    """GB/s of reads and writes together, nbytes each, with `depth` requests of each kind in flight at once,
+    through the store on one path (O_DIRECT where the filesystem allows)."""
+    import warnings
+    from .store import open_store
+    buf = mmap.mmap(-1, nbytes)
+    buf.write(os.urandom(1 << 20) * (nbytes >> 20))
+    sink = mmap.mmap(-1, nbytes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        store = open_store([path], queue_depth=2 * depth)
+    with store:
+        src, dst = store.create(nbytes), store.create(nbytes)
+        try:
+            _stream(store, src, buf, nbytes, True, depth)      # what the timed pass reads back
+            sec = _read_while_writing(store, src, dst, sink, buf, nbytes, depth)
+        finally:
+            store.remove(src)
+            store.remove(dst)
+    buf.close()
+    sink.close()
+    return 2 * nbytes / sec / 1e9
+
+
+def _read_while_writing(store, src, dst, into, buf, nbytes, depth):
+    """Reads src into `into` while writing buf to dst, chunk by chunk, `depth` of each in flight; seconds."""
+    view, out = memoryview(buf), memoryview(into)
+    pending = []
+    t0 = time.perf_counter()
+    for off in range(0, nbytes, IO_CHUNK):
+        pending.append(store.submit_read(src, off, out[off:off + IO_CHUNK]))
+        pending.append(store.submit_write(dst, off, view[off:off + IO_CHUNK]))
+        while len(pending) >= 2 * depth:
+            store.wait(pending.pop(0))
+    for t in pending:
+        store.wait(t)
+    return time.perf_counter() - t0
+
+
+def disk_profile(paths, nbytes):
+    """The profile's disk keys for the nvme paths (rates summed over them: the store stripes) and the rows
+    `offload probe` prints."""
+    reads = writes = mixed = 0.0
+    rows = []
+    for path in paths:
+        if not os.path.isdir(path):
+            raise ConfigError(f"--nvme {path}: not a directory")
+        by_depth, direct = disk_rates(path, nbytes)
+        for depth, (r, w) in by_depth.items():
+            rows.append((f"disk {path} qd {depth}{'' if direct else ' (buffered: page cache)'}",
+                         f"read {r:.2f} GB/s, write {w:.2f} GB/s"))
+        m = disk_mixed_rate(path, nbytes)
+        rows.append((f"disk {path} reads and writes at once", f"{m:.2f} GB/s together"))
+        reads += max(r for r, _ in by_depth.values())
+        writes += max(w for _, w in by_depth.values())
+        mixed += m
+    if not paths:
+        return {}, rows
+    return {"disk_read_gb_s": reads, "disk_write_gb_s": writes, "disk_gb_s": 2 / (1 / reads + 1 / writes),
+            "disk_mixed_gb_s": mixed}, rows
+
+
 def gpu_rates(nbytes, n_mm, repeats=3):
     """(h2d, d2h, both-at-once GB/s, bf16 matmul TFLOPS, free bytes) on the current CUDA device."""
     import torch
@@ -187,19 +252,9 @@ def probe(nvme_paths=(), quick=False):
     prof["cpu_adam_gparams_s"], prof["torch_adam_gparams_s"] = native, fused
     rows.append(("AdamW native (bf16 grad/out)", f"{native:.3f} G elements/s"))
     rows.append(("AdamW torch fused (fp32)", f"{fused:.3f} G elements/s"))
-    reads = writes = 0.0
-    for path in prof["nvme_paths"]:
-        if not os.path.isdir(path):
-            raise ConfigError(f"--nvme {path}: not a directory")
-        by_depth, direct = disk_rates(path, (64 if quick else 256) << 20)
-        for depth, (r, w) in by_depth.items():
-            rows.append((f"disk {path} qd {depth}{'' if direct else ' (buffered: page cache)'}",
-                         f"read {r:.2f} GB/s, write {w:.2f} GB/s"))
-        reads += max(r for r, _ in by_depth.values())
-        writes += max(w for _, w in by_depth.values())
-    if prof["nvme_paths"]:
-        prof["disk_read_gb_s"], prof["disk_write_gb_s"] = reads, writes
-        prof["disk_gb_s"] = 2 / (1 / reads + 1 / writes)
+    disk, disk_rows = disk_profile(prof["nvme_paths"], (64 if quick else 256) << 20)
+    prof.update(disk)
+    rows += disk_rows
     if torch.cuda.is_available():
         h2d, d2h, bidir, tflops, free = gpu_rates((64 if quick else 512) << 20, 4096 if quick else 8192)
         prof.update(pcie_h2d_gb_s=h2d, pcie_d2h_gb_s=d2h, pcie_gb_s=bidir, gpu_tflops=tflops, gpu_memory_bytes=free)

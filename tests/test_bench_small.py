@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from offload.plan import disk_seconds
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a described machine, so that no rate is measured (seconds saved); the disk rate is the H200 machine's
 PROFILE = {"gpu_tflops": 0.1, "pcie_gb_s": 25.0, "cpu_adam_gparams_s": 1.0, "disk_read_gb_s": 1.3,
@@ -50,8 +52,8 @@ def test_nvme_regime_records_the_disk_floor(tmp_path):
     (row,) = rows
     assert row["bench"] == "nvme-regime-tiny-mb2" and row["plan_bytes"]["nvme"] > 0
     moved = row["moved_steps"]
-    per_step = (moved["disk_read"] / row["rates"]["disk_read_gb_s"]
-                + moved["disk_write"] / row["rates"]["disk_write_gb_s"]) / 3 / 1e9     # 1 warm-up + 2 steps
+    assert row["rates"]["disk_mixed_gb_s"] > 0
+    per_step = disk_seconds(moved["disk_read"], moved["disk_write"], row["rates"]) / 3     # 1 warm-up + 2 steps
     # the row rounds rates (2 decimals) and floors (4 decimals): a tiny run's floor is a few 1e-4 s
     assert row["floors"]["disk_s"] == pytest.approx(per_step, rel=0.02, abs=6e-5)
 

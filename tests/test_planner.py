@@ -112,6 +112,15 @@ def test_disk_time_adds_reads_and_writes(tiny):
     assert pred.resource_s["disk"] == pytest.approx(nv / 4e9 + nv / 2e9)
 
 
+@pytest.mark.parametrize("mixed, expect", [(2.5, 2 / 2.5), (1.0, 2.0), (100.0, 1 / 2)])
+def test_disk_time_with_reads_and_writes_at_once(mixed, expect):
+    """With the rate of both at once measured, a step's reads and writes take their bytes together at that
+    rate, and never less than the slower kind alone: 1 GB each way at 4 GB/s read, 2 GB/s write."""
+    r = dict(PROFILE, disk_mixed_gb_s=mixed)
+    assert planmod.disk_seconds(1e9, 1e9, r) == pytest.approx(expect)
+    assert planmod.disk_seconds(1e9, 1e9, PROFILE) == pytest.approx(1 / 4 + 1 / 2)
+
+
 def test_recompute_adds_one_forward(tiny):
     _, shape = tiny
     model, hw = planmod.training_flops(shape, 100, recompute=True)
@@ -294,14 +303,15 @@ def test_probe_quick_writes_documented_keys(tmp_path, capsys):
     prof = json.loads(out.read_text())
     assert set(prof) == set(PROFILE_KEYS)
     for k in ("mem_bw_gb_s", "cpu_adam_gparams_s", "torch_adam_gparams_s", "disk_read_gb_s", "disk_write_gb_s",
-              "disk_gb_s", "cpu_memory_bytes"):
+              "disk_gb_s", "disk_mixed_gb_s", "cpu_memory_bytes"):
         assert prof[k] > 0, k
     assert prof["nvme_paths"] == [str(disk)]
     assert os.listdir(disk) == []                  # the probe file is removed
     import torch
     if not torch.cuda.is_available():
         assert all(prof[k] is None for k in ("pcie_gb_s", "gpu_tflops", "gpu_memory_bytes"))
-    assert "qd 32" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "qd 32" in printed and "reads and writes at once" in printed
 
 
 @pytest.mark.parametrize("share, clip", [(None, None), (0.5, None), (0.5, 1.0)])
