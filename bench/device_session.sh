@@ -8,10 +8,15 @@
 #                (ACT_WORKLOADS=long-context,reference ACT_POLICIES=auto,recompute,keep pick others)
 #   reference    offload vs DeepSpeed ZeRO-3 CPU vs GPU-resident PyTorch, one run                  ~8 min
 #   lora         LoRA rank 16 on the largest preset that fits (bench/lora.py)                      ~5 min
+#   scale        the largest LLaMA-shaped model that trains under 24 GiB (bench/scale.py)           ~6 min
+#   plan         predicted beside measured step time, three configurations (plan_check.py)       ~4 min
+#   nvme         the NVMe regime, offload and DeepSpeed (NVME_SYSTEMS, NVME_MBS pick)            ~9 min
 #   w:ARGS       reference.py's offload worker alone, 3 steps after 2 warm-up, its whole log kept;
 #                ARGS are its extra flags with commas for spaces (w:--activations,recompute); a run
 #                about to hit WORKER_S prints every thread's stack first                          ~1.5 min
 #   OFFLOAD_COMMIT=<hash> PARTS="tests trace act" bash bench/device_session.sh
+# OFFLOAD_COMMIT must be the hash written out here: the copy on the GPU machine does not carry the latest
+# commits, so `git rev-parse` there names an older one.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-out}"
@@ -54,6 +59,11 @@ for p in ${PARTS:-tests trace act}; do
     reference) deepspeed_env; part reference "${REF_S:-480}" python3 bench/reference.py \
              --systems offload,deepspeed,pytorch --steps 5 --warmup 2 --cpu-memory 100GiB --timeout 200 ;;
     lora) part lora "${LORA_S:-300}" python3 bench/lora.py ;;
+    scale) part scale "${SCALE_S:-560}" python3 bench/scale.py --time-budget $(( ${SCALE_S:-560} - 20 )) ;;
+    plan) part plan-check "${PLAN_S:-420}" python3 bench/plan_check.py --time-budget $(( ${PLAN_S:-420} - 20 )) ;;
+    nvme) deepspeed_env; part nvme-regime "${NVME_S:-560}" python3 bench/nvme_regime.py \
+             --systems "${NVME_SYSTEMS:-offload,deepspeed}" --mbs "${NVME_MBS:-4}" \
+             --time-budget $(( ${NVME_S:-560} - 20 )) ;;
     w:*) args=${p#w:}; part "worker${args//[^a-z0-9]/-}" "${WORKER_S:-200}" \
              env OFFLOAD_STACKS_AFTER=$(( ${WORKER_S:-200} - 15 )) python3 bench/reference.py \
              --worker offload --steps 3 --warmup 2 ${args//,/ } ;;

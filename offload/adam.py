@@ -5,9 +5,22 @@ contiguous CPU tensors, in place, with the GIL released. It reproduces torch's f
 order (see Note [adam exactness] in csrc/adam.h), so results agree with torch.optim.AdamW to the last ulp or
 so; every SIMD level and thread count gives bitwise the same result.
 """
+import threading
+
 import torch
 
 from . import _native
+
+_scratch = threading.local()   # per thread: the worker's host updates and the caller's run side by side
+
+
+def _denominator_buffer(n):
+    """An fp32 buffer of n elements for reference_adamw_'s denominator, kept per thread so that a steady
+    step allocates nothing (it grows to the largest unit updated there, the size the temporary had)."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < n:
+        buf = _scratch.buf = torch.empty(n, dtype=torch.float32)
+    return buf[:n]
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -95,7 +108,8 @@ def reference_adamw_(master, grad, exp_avg, exp_avg_sq, *, lr, betas, eps, weigh
     bias_correction1 = 1 - beta1 ** step
     bias_correction2 = 1 - beta2 ** step
     step_size = lr / bias_correction1
-    denom = (exp_avg_sq.sqrt() / (bias_correction2 ** 0.5)).add_(eps)
+    denom = torch.sqrt(exp_avg_sq, out=_denominator_buffer(exp_avg_sq.numel()))   # torch's ops, in its order
+    denom.div_(bias_correction2 ** 0.5).add_(eps)
     master.addcdiv_(exp_avg, denom, value=-step_size)
     if out is not None:
         out.copy_(master)

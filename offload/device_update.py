@@ -44,6 +44,7 @@ class DeviceUpdater:
         self.count_moved = count_moved   # (direction, bytes) -> None: the tiers' transfer counters
         self.stages = None
         self.k = 0    # chunks staged so far: chunk k goes through stage k % STAGES
+        self.step_t = None   # the fused kernel's step count, on the device
         if self.cuda:
             self.load = torch.cuda.Stream(device)
             self.store = torch.cuda.Stream(device)
@@ -77,8 +78,10 @@ class DeviceUpdater:
         k = self.k
         host = (st.master, st.exp_avg, st.exp_avg_sq)
         for off, n, step in segments:
-            with torch.cuda.stream(load):
-                step_t = torch.full((), float(step), dtype=torch.float32, device=self.device)
+            with torch.cuda.stream(load):   # one scalar for all: each fill follows the last kernel on `load`
+                if self.step_t is None:
+                    self.step_t = torch.zeros((), dtype=torch.float32, device=self.device)
+                step_t = self.step_t.fill_(float(step))
             for c0 in range(off, off + n, self.chunk):
                 c = min(self.chunk, off + n - c0)
                 buf = self._stage(k)

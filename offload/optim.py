@@ -177,6 +177,12 @@ class UnitOptimizer:
     def __init__(self, tiers):
         self.tiers = tiers
         self.order, self.last_order = [], []   # units in update order, this step and the last
+        self.step_t = None                     # update_device's step count, on the device
+
+    def _step_scalar(self, device):
+        if self.step_t is None:
+            self.step_t = torch.zeros((), dtype=torch.float32, device=device)
+        return self.step_t
 
     def next_step(self):
         """Called between steps on the worker thread: this step's update order predicts the next."""
@@ -273,8 +279,10 @@ class UnitOptimizer:
                        weight_decay=wd, step=step, out=None)
             else:
                 # The step as a fill on the device: torch.tensor(step, device=...) would be a blocking copy from
-                # pageable memory, a host sync per unit in step().
-                step_t = torch.full((), float(step), dtype=torch.float32, device=g.device)
+                # pageable memory, a host sync per unit in step(). One scalar serves every unit: the calls
+                # come on one stream, where each fill runs after the previous unit's kernel read it.
+                step_t = self._step_scalar(g.device)
+                step_t.fill_(float(step))
                 torch._fused_adamw_([st.master[sl]], [g[sl]], [st.exp_avg[sl]], [st.exp_avg_sq[sl]], [],
                                     [step_t], lr=lr, beta1=betas[0], beta2=betas[1], weight_decay=wd, eps=eps,
                                     amsgrad=False, maximize=False)
