@@ -142,6 +142,9 @@ def run_offload(a):
     import torch
     import offload
     cap_gpu(a)
+    if a.device_update_share is not None:   # a sweep of the planner's CPU/device AdamW split
+        from offload import plan as plan_mod
+        plan_mod.DEVICE_UPDATE_SHARE = a.device_update_share
     weights = None
     if a.weights == "random":
         from transformers import LlamaForCausalLM
@@ -358,6 +361,8 @@ def main(argv=None, extra=None, save=True):
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--trace", default=None)
+    p.add_argument("--device-update-share", type=float, default=None,
+                   help="offload: the share of arena-state AdamW run on the GPU instead of the planner's")
     p.add_argument("--disk-gb-s", type=float, default=None, help="measured disk rate for the disk floor")
     p.add_argument("--timeout", type=int, default=900, help="seconds per system (its worker process)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: offload worker only, tiny sizes")
