@@ -50,7 +50,7 @@ deepspeed_env() {   # DeepSpeed's wheels and libaio from .carry (see shared/devi
 for p in ${PARTS:-tests trace act}; do
   case "$p" in
     tests) part tests "${TESTS_S:-170}" bash -c "python3 -m pytest -q -p no:cacheprovider tests/test_engine_gpu.py \
-             tests/test_trace_gpu.py tests/test_device_oom.py tests/test_device_update.py; a=\$?; \
+             tests/test_trace_gpu.py tests/test_device_oom.py tests/test_device_update.py tests/test_dist_one_rank.py; a=\$?; \
              python3 -m pytest -q -p no:cacheprovider tests/test_activations.py -k gpu; exit \$((a | \$?))" ;;
     trace) part trace "${TRACE_S:-300}" python3 bench/trace_overhead.py --rounds 1 --steps 4 --warmup 2 --timeout 170 \
              --png "$out/timeline-reference.png" --keep-trace "$out/reference.trace.json" ;;
