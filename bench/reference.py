@@ -141,6 +141,7 @@ def timed_steps(a, step_fn, counters=None):
 def run_offload(a):
     import torch
     import offload
+    from offload.plan import state_traffic_bytes
     cap_gpu(a)
     if a.device_update_share is not None:   # a sweep of the planner's CPU/device AdamW split
         from offload import plan as plan_mod
@@ -175,7 +176,8 @@ def run_offload(a):
     extra = {"act_plan": [n for n in eng.plan.notes if n.startswith("activations")], "setup_s": round(setup_s, 1),
              "steady_state_growth_per_step": growth, "plan_bytes": eng.plan.bytes, "moved": eng.tiers.moved,
              "moved_steps": {k: v - moved_setup.get(k, 0) for k, v in eng.tiers.moved.items()},
-             "predicted_step_s": eng.plan.predicted_step_s, "bottleneck_planned": eng.plan.bottleneck}
+             "predicted_step_s": eng.plan.predicted_step_s, "bottleneck_planned": eng.plan.bottleneck,
+             "adam_host_elems": state_traffic_bytes(eng.units, eng.plan.units, eng.plan.itemsize)["adam_elems"]}
     eng.close()
     return times, losses, extra
 
@@ -256,8 +258,9 @@ def measure_rates(device="cuda", nvme=None):
         from offload.probe import disk_profile
         r.update(disk_profile(nvme[:1], (256 if device == "cuda" else 16) << 20)[0])
     if device != "cuda":
-        from offload.probe import adam_native_rate
+        from offload.probe import adam_native_rate, mem_bandwidth
         r["cpu_adam_gparams_s"] = adam_native_rate(1 << 20)    # no GPU: no PCIe or GEMM rate, no such floors
+        r["mem_bw_gb_s"] = mem_bandwidth(16 << 20)
         return r
     n = 1 << 30
     h = torch.empty(n, dtype=torch.uint8, pin_memory=True)
@@ -281,6 +284,8 @@ def measure_rates(device="cuda", nvme=None):
     torch.cuda.synchronize()
     r["gemm_tflops"] = 20 * 2 * m**3 / (time.perf_counter() - t) / 1e12
     del x, y
+    from offload.probe import mem_bandwidth
+    r["mem_bw_gb_s"] = mem_bandwidth(512 << 20)
     from offload.adam import adamw_
     k = 100_000_000
     p, mm, v = (torch.zeros(k) for _ in range(3))
@@ -294,15 +299,35 @@ def measure_rates(device="cuda", nvme=None):
     return r
 
 
-def floors(a, rates, moved=None):
+def floors(a, rates, moved=None, adam_elems=None, system="offload"):
+    """Seconds per step each resource needs, from rates measured in this run. gpu_s: the FLOPs with one
+    recomputed forward at the bf16 GEMM rate. For a run that reports what it did (offload: moved, bytes each
+    link carried over steps_total steps; adam_elems, elements the CPU AdamW updated a step) the floors are
+    of that work: pcie_s the bytes each way over that way's rate, cpu_adam_s those elements at the native
+    AdamW's rate, host_mem_s the host memory they touch (ADAM_HOST_BYTES an element, plus every byte DMA
+    moves) at the copy bandwidth. Otherwise the work of ZeRO-3 CPU offload: params in for forward and
+    backward and gradients out (2 bytes each), AdamW of every parameter on the CPU. GPU-resident PyTorch has
+    the GPU floor only."""
+    from offload.plan import ADAM_HOST_BYTES
     P = n_params(a)
     tokens = a.mb * a.seq
     flops_recompute = 8 * P * tokens + 16 * a.layers * a.hidden * a.seq * tokens
-    f = {"cpu_adam_s": P / (rates["cpu_adam_gparams_s"] * 1e9)}
+    f = {}
     if rates.get("gemm_tflops"):
         f["gpu_s"] = flops_recompute / (rates["gemm_tflops"] * 1e12)
+    if system == "pytorch":
+        return f
+    steps = getattr(a, "steps_total", 1)
+    as_run = bool(moved) and adam_elems is not None
+    f["cpu_adam_s"] = (adam_elems if as_run else P) / (rates["cpu_adam_gparams_s"] * 1e9)
     if rates.get("h2d_gb_s") and rates.get("d2h_gb_s"):
-        f["pcie_s"] = 3 * 2 * P / (min(rates["h2d_gb_s"], rates["d2h_gb_s"]) * 1e9)
+        if as_run:
+            f["pcie_s"] = max(moved["h2d"] / rates["h2d_gb_s"], moved["d2h"] / rates["d2h_gb_s"]) / 1e9 / steps
+        else:
+            f["pcie_s"] = 3 * 2 * P / (min(rates["h2d_gb_s"], rates["d2h_gb_s"]) * 1e9)
+    if as_run and rates.get("mem_bw_gb_s"):
+        dma = (moved["h2d"] + moved["d2h"]) / steps
+        f["host_mem_s"] = (adam_elems * ADAM_HOST_BYTES + dma) / (rates["mem_bw_gb_s"] * 1e9)
     if moved and (moved.get("disk_read") or moved.get("disk_write")) and rates.get("disk_gb_s"):
         # moved: bytes over the warm-up and timed steps (the worker's moved_steps, setup excluded)
         from offload.plan import disk_seconds   # the planner's formula: floor and prediction agree on it
@@ -410,7 +435,7 @@ def main(argv=None, extra=None, save=True):
         a.steps_total = a.steps + a.warmup
         step_s = statistics.median(res["times"])
         tokens = a.mb * a.seq
-        fl = floors(a, rates, res.get("moved_steps") or res.get("moved"))
+        fl = floors(a, rates, res.get("moved_steps") or res.get("moved"), res.get("adam_host_elems"), system)
         largest = max(fl, key=fl.get)
         row = {"bench": a.bench, "system": {"deepspeed": "deepspeed-zero3-cpu-" + ("nvme" if a.nvme else "cpu"),
                                             "pytorch": "pytorch-gpu-resident"}.get(system, system),
@@ -425,7 +450,7 @@ def main(argv=None, extra=None, save=True):
                "activations": a.activations if system == "offload" else None}
         row.update(mb=a.mb, seq=a.seq, nvme=a.nvme)
         for k in ("setup_s", "plan_bytes", "moved", "moved_steps", "predicted_step_s", "act_plan",
-                  "steady_state_growth_per_step"):
+                  "steady_state_growth_per_step", "adam_host_elems"):
             if k in res:
                 row[k] = res[k]
         if a.same_batch:

@@ -222,6 +222,9 @@ def _reference_rates(r):
     """reference.py's rate names (for its floors) from a profile."""
     out = {"cpu_adam_gparams_s": r["cpu_adam_gparams_s"], "disk_read_gb_s": r["disk_read_gb_s"],
            "disk_write_gb_s": r["disk_write_gb_s"], "disk_gb_s": r["disk_gb_s"]}
+    for k in ("disk_mixed_gb_s", "mem_bw_gb_s"):   # in profiles from `offload probe`; the floors use them
+        if r.get(k):
+            out[k] = r[k]
     if r.get("pcie_h2d_gb_s") and r.get("gpu_tflops"):
         out.update(h2d_gb_s=r["pcie_h2d_gb_s"], d2h_gb_s=r["pcie_d2h_gb_s"], gemm_tflops=r["gpu_tflops"])
     return out

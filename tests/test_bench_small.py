@@ -56,6 +56,13 @@ def test_nvme_regime_records_the_disk_floor(tmp_path):
     per_step = disk_seconds(moved["disk_read"], moved["disk_write"], row["rates"]) / 3     # 1 warm-up + 2 steps
     # the row rounds rates (2 decimals) and floors (4 decimals): a tiny run's floor is a few 1e-4 s
     assert row["floors"]["disk_s"] == pytest.approx(per_step, rel=0.02, abs=6e-5)
+    # the CPU AdamW's floor is the elements it updated, and host memory carries those and every DMA byte
+    r, f = row["rates"], row["floors"]
+    assert row["adam_host_elems"] > 0
+    assert f["cpu_adam_s"] == pytest.approx(row["adam_host_elems"] / (r["cpu_adam_gparams_s"] * 1e9), rel=0.02, abs=6e-5)
+    dma = (moved["h2d"] + moved["d2h"]) / 3
+    assert f["host_mem_s"] == pytest.approx((row["adam_host_elems"] * 28 + dma) / (r["mem_bw_gb_s"] * 1e9),
+                                            rel=0.02, abs=6e-5)
 
 
 def test_nvme_regime_records_a_row_for_a_run_that_times_out(tmp_path):
