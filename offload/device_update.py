@@ -26,6 +26,16 @@ CHUNK = 8 << 20   # elements per staged chunk: 96 MiB of fp32 states, large enou
 STAGES = 2
 
 
+def fill_step(scalar, step, device):
+    """The fused AdamW's step count as a device scalar: `scalar` (made on first use) filled with step on the
+    current stream. One scalar serves every unit of a stream: each fill runs after the previous kernel
+    read it. A fresh tensor per unit would be an allocation per unit per step; torch.tensor(step,
+    device=...) a blocking copy from pageable memory."""
+    if scalar is None:
+        scalar = torch.zeros((), dtype=torch.float32, device=device)
+    return scalar.fill_(float(step))
+
+
 def chunk_elems(largest_unit):
     """Elements per staged chunk for units of up to largest_unit trainable elements."""
     return max(1, min(CHUNK, largest_unit))
@@ -78,10 +88,8 @@ class DeviceUpdater:
         k = self.k
         host = (st.master, st.exp_avg, st.exp_avg_sq)
         for off, n, step in segments:
-            with torch.cuda.stream(load):   # one scalar for all: each fill follows the last kernel on `load`
-                if self.step_t is None:
-                    self.step_t = torch.zeros((), dtype=torch.float32, device=self.device)
-                step_t = self.step_t.fill_(float(step))
+            with torch.cuda.stream(load):
+                step_t = self.step_t = fill_step(self.step_t, step, self.device)
             for c0 in range(off, off + n, self.chunk):
                 c = min(self.chunk, off + n - c0)
                 buf = self._stage(k)

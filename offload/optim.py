@@ -24,6 +24,7 @@ import warnings
 import torch
 
 from .adam import unit_adamw_
+from .device_update import fill_step
 from .errors import ConfigError
 from .store import as_buffer
 from .tiers import KIND_H2D
@@ -179,11 +180,6 @@ class UnitOptimizer:
         self.order, self.last_order = [], []   # units in update order, this step and the last
         self.step_t = None                     # update_device's step count, on the device
 
-    def _step_scalar(self, device):
-        if self.step_t is None:
-            self.step_t = torch.zeros((), dtype=torch.float32, device=device)
-        return self.step_t
-
     def next_step(self):
         """Called between steps on the worker thread: this step's update order predicts the next."""
         if self.order:
@@ -278,11 +274,7 @@ class UnitOptimizer:
                 unit_adamw_(st.master[sl], g[sl], st.exp_avg[sl], st.exp_avg_sq[sl], lr=lr, betas=betas, eps=eps,
                        weight_decay=wd, step=step, out=None)
             else:
-                # The step as a fill on the device: torch.tensor(step, device=...) would be a blocking copy from
-                # pageable memory, a host sync per unit in step(). One scalar serves every unit: the calls
-                # come on one stream, where each fill runs after the previous unit's kernel read it.
-                step_t = self._step_scalar(g.device)
-                step_t.fill_(float(step))
+                step_t = self.step_t = fill_step(self.step_t, step, g.device)   # calls come on one stream
                 torch._fused_adamw_([st.master[sl]], [g[sl]], [st.exp_avg[sl]], [st.exp_avg_sq[sl]], [],
                                     [step_t], lr=lr, beta1=betas[0], beta2=betas[1], weight_decay=wd, eps=eps,
                                     amsgrad=False, maximize=False)

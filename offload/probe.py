@@ -103,19 +103,28 @@ def _stream(store, obj, buf, nbytes, write, depth):
     return time.perf_counter() - t0
 
 
+def _random_pages(nbytes):
+    buf = mmap.mmap(-1, nbytes)          # page-aligned, as O_DIRECT requires
+    buf.write(os.urandom(1 << 20) * (nbytes >> 20))
+    return buf
+
+
+def _quiet_store(path, depth):
+    """The store on one path; its warnings (tmpfs: no O_DIRECT) are the probe's rows to show, not warnings."""
+    import warnings
+    from .store import open_store
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return open_store([path], queue_depth=depth)
+
+
 def disk_rates(path, nbytes):
     """{depth: (read GB/s, write GB/s)} and whether O_DIRECT was used, through the store on one path. The
     file is removed before returning. Buffered I/O (no O_DIRECT) measures the page cache, not the disk."""
-    import warnings
-    from .store import open_store
-    buf = mmap.mmap(-1, nbytes)          # page-aligned, as O_DIRECT requires
-    buf.write(os.urandom(1 << 20) * (nbytes >> 20))
+    buf = _random_pages(nbytes)
     out, direct = {}, None
     for depth in QUEUE_DEPTHS:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            store = open_store([path], queue_depth=depth)
-        with store:
+        with _quiet_store(path, depth) as store:
             direct = bool(store.direct[0])
             obj = store.create(nbytes)
             try:
@@ -131,15 +140,8 @@ def disk_rates(path, nbytes):
 def disk_mixed_rate(path, nbytes, depth=QUEUE_DEPTHS[-1]):
     """GB/s of reads and writes together, nbytes each, with `depth` requests of each kind in flight at once,
     through the store on one path (O_DIRECT where the filesystem allows)."""
-    import warnings
-    from .store import open_store
-    buf = mmap.mmap(-1, nbytes)
-    buf.write(os.urandom(1 << 20) * (nbytes >> 20))
-    sink = mmap.mmap(-1, nbytes)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        store = open_store([path], queue_depth=2 * depth)
-    with store:
+    buf, sink = _random_pages(nbytes), mmap.mmap(-1, nbytes)
+    with _quiet_store(path, 2 * depth) as store:
         src, dst = store.create(nbytes), store.create(nbytes)
         try:
             _stream(store, src, buf, nbytes, True, depth)      # what the timed pass reads back
