@@ -124,7 +124,11 @@ void adamw_step_py(const py::object& master, const py::object& grad, const py::o
   if (has_out) {
     o = view(out, "out", true);
     check_size(o, n, dtype_size(od), "out", out_dtype.c_str());
-    all.push_back({"out", &o});
+    // out may be grad itself (the engine writes the update over the gradients it came from): every kernel
+    // reads element i's gradient before it writes element i's output, at the same bytes when the dtypes
+    // match. Any other overlap with grad is refused.
+    const bool out_is_grad = o.ptr == g.ptr && o.nbytes == g.nbytes && od == gd;
+    if (!out_is_grad) all.push_back({"out", &o});
   }
   check_disjoint(all);
   const AdamBuffers b{reinterpret_cast<float*>(p.ptr), reinterpret_cast<float*>(m.ptr),

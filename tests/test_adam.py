@@ -108,6 +108,40 @@ def test_simd_level_equals_scalar_bitwise(simd):
                 assert all(torch.equal(a, b) for a, b in zip(bufs["scalar"], bufs[simd])), (n, gd, od)
 
 
+@pytest.mark.parametrize("simd", LEVELS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_output_written_over_the_gradients_equals_a_separate_output(simd, dtype):
+    """The engine passes one buffer as grad and out (the update overwrites the gradients it came from):
+    bitwise the same master, moments and output as with two buffers, at every SIMD level and over the
+    thread split (200003 elements: several chunks and a tail)."""
+    _need(simd)
+    for n in ODD_SIZES + [200003]:
+        got = {}
+        for shared in (False, True):
+            master, m, v = _state(n, 7)
+            g = _grads(n, 1, dtype, 7)[0]
+            out = g if shared else torch.empty(n, dtype=dtype)
+            adamw_(master, g, m, v, lr=1e-2, betas=(0.3, 0.99), eps=1e-8, weight_decay=0.1, step=2, out=out,
+                   grad_scale=1.5, simd=simd)
+            got[shared] = [x.view(torch.uint8) for x in (master, m, v, out)]
+        assert all(torch.equal(a, b) for a, b in zip(got[False], got[True])), (n, dtype)
+
+
+def test_output_overlapping_the_gradients_otherwise_is_refused():
+    kw = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1)
+    f = lambda n=4: np.zeros(n, np.float32)  # noqa: E731
+    g = np.zeros(8, np.uint16)
+    with pytest.raises(ValueError, match="grad and out: buffers overlap"):   # shifted by one element
+        _native.adamw_step(f(), g[:4], f(), f(), grad_dtype="bfloat16", out=g[1:5], out_dtype="bfloat16", **kw)
+    with pytest.raises(ValueError, match="grad and out: buffers overlap"):   # same bytes, other dtype
+        h = np.zeros(4, np.float32)
+        _native.adamw_step(f(), h.view(np.uint16)[:4], f(), f(), grad_dtype="bfloat16", out=h.view(np.uint16)[:4],
+                           out_dtype="float16", **kw)
+    with pytest.raises(ValueError, match="master and grad: buffers overlap"):   # out is grad, and so is master
+        m = f()
+        _native.adamw_step(m, m, f(), f(), out=m, out_dtype="float32", **kw)
+
+
 def test_thread_count_does_not_change_result():
     n = 1000003
     results = []

@@ -167,3 +167,23 @@ def test_fill_unchanged_writes_master_exactly_outside_the_segments(n, data):
         inside[a:a + k] = True
     assert torch.equal(out[~inside], master[~inside].to(torch.bfloat16))
     assert (out[inside] == -7.0).all()
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_bf16_host_update_of_resident_params(monkeypatch, grad_accum):
+    """bf16 training on the CPU with parameters resident and every update on the host: the native AdamW
+    writes its bf16 output over the bf16 gradients it reads (one buffer), and training follows an fp32-master
+    bf16-autocast reference within the bf16 tolerances of the GPU tests."""
+    from test_engine_gpu import GPU_HP, assert_bf16_close
+    monkeypatch.setattr(plan_mod, "DEVICE_UPDATE_SHARE", 0.0)
+    model, data = make_gpt(), token_batches(4)
+    ref = run_reference(model, data, hp=GPU_HP, autocast_dtype=torch.bfloat16, grad_accum=grad_accum)
+    n = param_count(model)
+    with offload.engine(copy.deepcopy(model), optimizer=offload.AdamW(**GPU_HP), device="cpu",
+                        dtype=torch.bfloat16, gpu_memory=4 * n + (1 << 16), cpu_memory=None,
+                        grad_accum=grad_accum) as eng:
+        shared = [u for u in eng.units if u.plan.update_on == "host" and u.plan.params_home == "gpu"
+                  and u.plan.states_home == "cpu"]
+        assert shared and all(u.st.out is u.st.grad for u in shared), str(eng.plan)
+        got = train_engine(eng, data)
+    assert_bf16_close(got, ref, model)
