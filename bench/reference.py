@@ -61,11 +61,11 @@ def build(a, dtype):
     for owner in model.modules():
         for n, p in list(owner._parameters.items()):
             if p is None or not p.is_meta:
-                continue   # a tied weight, filled through its first owner
+                continue
             fqn = next(k for k, q in model.named_parameters() if q is p)
             data = init.values(fqn, p, owner).view(p.shape).to(dtype)
             owner._parameters[n] = torch.nn.Parameter(data, requires_grad=p.requires_grad)
-    model.tie_weights()
+    model.tie_weights()   # a tied weight's second owner got values of its own above: tying drops them
     materialise_buffers(model, init)
     return model
 
@@ -256,7 +256,8 @@ def measure_rates(device="cuda", nvme=None):
     r = {}
     if nvme:
         from offload.probe import disk_profile
-        r.update(disk_profile(nvme[:1], (256 if device == "cuda" else 16) << 20)[0])
+        disk, _, direct = disk_profile(nvme[:1], (256 if device == "cuda" else 16) << 20)
+        r.update(disk, disk_o_direct=float(direct))   # 0: the page cache's rates, not the disk's
     if device != "cuda":
         from offload.probe import adam_native_rate, mem_bandwidth
         r["cpu_adam_gparams_s"] = adam_native_rate(1 << 20)    # no GPU: no PCIe or GEMM rate, no such floors
@@ -307,7 +308,9 @@ def floors(a, rates, moved=None, adam_elems=None, system="offload"):
     AdamW's rate, host_mem_s the host memory they touch (ADAM_HOST_BYTES an element, plus every byte DMA
     moves) at the copy bandwidth. Otherwise the work of ZeRO-3 CPU offload: params in for forward and
     backward and gradients out (2 bytes each), AdamW of every parameter on the CPU. GPU-resident PyTorch has
-    the GPU floor only."""
+    the GPU floor only. Not in `moved`, so not in these floors: activation swaps (runs that swap have
+    floors too low by those bytes), while the one-off copy of states promoted after the first step is in
+    it (pcie_s too high by that copy over steps_total)."""
     from offload.plan import ADAM_HOST_BYTES
     P = n_params(a)
     tokens = a.mb * a.seq
@@ -449,6 +452,8 @@ def main(argv=None, extra=None, save=True):
                "gpu_cap_gib": a.gpu_cap if system != "pytorch" else None, "cpu_memory": a.cpu_memory,
                "activations": a.activations if system == "offload" else None}
         row.update(mb=a.mb, seq=a.seq, nvme=a.nvme)
+        if system == "offload" and a.device_update_share is not None:
+            row["device_update_share"] = a.device_update_share
         for k in ("setup_s", "plan_bytes", "moved", "moved_steps", "predicted_step_s", "act_plan",
                   "steady_state_growth_per_step", "adam_host_elems"):
             if k in res:

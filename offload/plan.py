@@ -394,13 +394,17 @@ def state_traffic_bytes(units, plans, itemsize, micro_batches=1):
 
 def disk_seconds(read, write, r):
     """Seconds the disk needs for `read` and `write` bytes, with a machine profile r. Reads and writes share
-    the SSDs: with the rate of both at once measured (disk_mixed_gb_s), the bytes together at that rate, but
-    never less than either kind alone at its own rate; without it, their times add (separate read and write
-    rates when the profile has them)."""
+    the SSDs. With the rate of both at once measured (disk_mixed_gb_s, on an equal mix), the part that pairs
+    up (as many bytes read as written) goes at that rate and the rest of the larger kind at its own rate,
+    never less than either kind alone; without it, their times add (separate read and write rates when the
+    profile has them)."""
     if r.get("disk_read_gb_s") and r.get("disk_write_gb_s"):
-        alone = (read / (r["disk_read_gb_s"] * 1e9), write / (r["disk_write_gb_s"] * 1e9))
+        rr, ww = r["disk_read_gb_s"] * 1e9, r["disk_write_gb_s"] * 1e9
+        alone = (read / rr, write / ww)
         if r.get("disk_mixed_gb_s"):
-            return max(*alone, (read + write) / (r["disk_mixed_gb_s"] * 1e9))
+            both = min(read, write)
+            paired = 2 * both / (r["disk_mixed_gb_s"] * 1e9) + (read - both) / rr + (write - both) / ww
+            return max(paired, *alone)
         return sum(alone)
     return (read + write) / (r["disk_gb_s"] * 1e9)
 

@@ -170,8 +170,9 @@ def _read_while_writing(store, src, dst, into, buf, nbytes, depth):
 
 
 def disk_profile(paths, nbytes):
-    """The profile's disk keys for the nvme paths (rates summed over them: the store stripes) and the rows
-    `offload probe` prints."""
+    """(the profile's disk keys for the nvme paths, rates summed over them as the store stripes; the rows
+    `offload probe` prints; whether O_DIRECT was used on the last path, None without paths). Without
+    O_DIRECT the rates are the page cache's."""
     reads = writes = mixed = 0.0
     rows = []
     for path in paths:
@@ -182,14 +183,15 @@ def disk_profile(paths, nbytes):
             rows.append((f"disk {path} qd {depth}{'' if direct else ' (buffered: page cache)'}",
                          f"read {r:.2f} GB/s, write {w:.2f} GB/s"))
         m = disk_mixed_rate(path, nbytes)
-        rows.append((f"disk {path} reads and writes at once", f"{m:.2f} GB/s together"))
+        rows.append((f"disk {path} reads and writes at once{'' if direct else ' (buffered: page cache)'}",
+                     f"{m:.2f} GB/s together"))
         reads += max(r for r, _ in by_depth.values())
         writes += max(w for _, w in by_depth.values())
         mixed += m
     if not paths:
-        return {}, rows
+        return {}, rows, None
     return {"disk_read_gb_s": reads, "disk_write_gb_s": writes, "disk_gb_s": 2 / (1 / reads + 1 / writes),
-            "disk_mixed_gb_s": mixed}, rows
+            "disk_mixed_gb_s": mixed}, rows, direct
 
 
 def gpu_rates(nbytes, n_mm, repeats=3):
@@ -254,7 +256,7 @@ def probe(nvme_paths=(), quick=False):
     prof["cpu_adam_gparams_s"], prof["torch_adam_gparams_s"] = native, fused
     rows.append(("AdamW native (bf16 grad/out)", f"{native:.3f} G elements/s"))
     rows.append(("AdamW torch fused (fp32)", f"{fused:.3f} G elements/s"))
-    disk, disk_rows = disk_profile(prof["nvme_paths"], (64 if quick else 256) << 20)
+    disk, disk_rows, _ = disk_profile(prof["nvme_paths"], (64 if quick else 256) << 20)
     prof.update(disk)
     rows += disk_rows
     if torch.cuda.is_available():

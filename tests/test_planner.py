@@ -119,6 +119,9 @@ def test_disk_time_with_reads_and_writes_at_once(mixed, expect):
     r = dict(PROFILE, disk_mixed_gb_s=mixed)
     assert planmod.disk_seconds(1e9, 1e9, r) == pytest.approx(expect)
     assert planmod.disk_seconds(1e9, 1e9, PROFILE) == pytest.approx(1 / 4 + 1 / 2)
+    # an uneven mix: the 1 GB that pairs with the writes at the mixed rate, the other 2 GB of reads alone
+    assert planmod.disk_seconds(3e9, 1e9, r) == pytest.approx(max(2 / mixed + 2 / 4, 3 / 4, 1 / 2))
+    assert planmod.disk_seconds(1e9, 0, r) == pytest.approx(1 / 4)      # reads only: the read rate
 
 
 def test_recompute_adds_one_forward(tiny):
