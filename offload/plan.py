@@ -9,7 +9,7 @@ Byte accounting (all of it is what tiers.py allocates, so the arena budget is ex
   m, v and an fp32 gradient), and for streamed units a working set of (depth + 2) flat buffers plus two
   gradient buffers of the largest unit.
 - CPU arena: a gradient buffer per unit whose optimizer runs on the CPU (compute dtype; plus an fp32
-  accumulator when grad_accum > 1), an output buffer for device-resident params updated on the CPU,
+  accumulator when grad_accum > 1; the CPU AdamW's output for device-resident params is written over it),
   params homes, states, and NVMe staging slots when anything lives on disk.
 With `shards` ranks (shard.py) each rank plans its own budgets: what a rank holds of a unit off the compute
 device (params home, master/m/v, host gradients, staging) and its device states are 1/shards of the unit; the
