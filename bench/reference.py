@@ -58,14 +58,12 @@ def build(a, dtype):
     with torch.device("meta"):
         model = LlamaForCausalLM(model_config(a))
     init = RandomInit()
-    for owner in model.modules():
-        for n, p in list(owner._parameters.items()):
-            if p is None or not p.is_meta:
-                continue
-            fqn = next(k for k, q in model.named_parameters() if q is p)
-            data = init.values(fqn, p, owner).view(p.shape).to(dtype)
-            owner._parameters[n] = torch.nn.Parameter(data, requires_grad=p.requires_grad)
-    model.tie_weights()   # a tied weight's second owner got values of its own above: tying drops them
+    for name, p in list(model.named_parameters()):   # a tied tensor once, under its first name (as the engine)
+        path, _, attr = name.rpartition(".")
+        owner = model.get_submodule(path)
+        data = init.values(name, p, owner).view(p.shape).to(dtype)
+        owner._parameters[attr] = torch.nn.Parameter(data, requires_grad=p.requires_grad)
+    model.tie_weights()   # a tied weight's other owners still hold the meta tensor: tying points them here
     materialise_buffers(model, init)
     return model
 
