@@ -6,10 +6,12 @@
 #   trace        trace on vs off on the reference workload, and the README's timeline picture     ~3 min
 #   act          long-context activations: auto vs full recompute (1.35B, seq 32768)             ~3 min
 #                (ACT_WORKLOADS=long-context,reference ACT_POLICIES=auto,recompute,keep pick others)
+#   probe        `offload probe` of this machine and its disk, the profile kept as machine.json       ~1 min
 #   reference    offload vs DeepSpeed ZeRO-3 CPU vs GPU-resident PyTorch, one run                  ~8 min
-#   lora         LoRA rank 16 on the largest preset that fits (bench/lora.py)                      ~5 min
+#   lora         LoRA rank 16 on the largest preset that fits (bench/lora.py; LORA_ARGS adds flags) ~5 min
 #   scale        the largest LLaMA-shaped model that trains under 24 GiB (bench/scale.py)           ~6 min
 #   plan         predicted beside measured step time, three configurations (plan_check.py)       ~4 min
+#                (PLAN_CONFIGS=reference-nvme picks some)
 #   nvme         the NVMe regime, offload and DeepSpeed (NVME_SYSTEMS, NVME_MBS pick)            ~9 min
 #   w:ARGS       reference.py's offload worker alone, 3 steps after 2 warm-up, its whole log kept;
 #                ARGS are its extra flags with commas for spaces (w:--activations,recompute); a run
@@ -56,11 +58,14 @@ for p in ${PARTS:-tests trace act}; do
              --png "$out/timeline-reference.png" --keep-trace "$out/reference.trace.json" ;;
     act) part activations "${ACT_S:-170}" python3 bench/activations.py --workloads "${ACT_WORKLOADS:-long-context}" \
              --policies "${ACT_POLICIES:-auto,recompute}" --steps 3 --warmup 2 --timeout 150 ;;
+    probe) mkdir -p /tmp/offload-nvme; part probe "${PROBE_S:-120}" python3 -m offload probe --nvme /tmp/offload-nvme \
+             -o "$out/machine.json" ;;
     reference) deepspeed_env; part reference "${REF_S:-480}" python3 bench/reference.py \
              --systems offload,deepspeed,pytorch --steps 5 --warmup 2 --cpu-memory 100GiB --timeout 200 ;;
-    lora) part lora "${LORA_S:-300}" python3 bench/lora.py ;;
+    lora) part lora "${LORA_S:-300}" python3 bench/lora.py ${LORA_ARGS:-} ;;
     scale) part scale "${SCALE_S:-560}" python3 bench/scale.py --time-budget $(( ${SCALE_S:-560} - 20 )) ;;
-    plan) part plan-check "${PLAN_S:-420}" python3 bench/plan_check.py --time-budget $(( ${PLAN_S:-420} - 20 )) ;;
+    plan) part plan-check "${PLAN_S:-420}" python3 bench/plan_check.py --time-budget $(( ${PLAN_S:-420} - 20 )) \
+             ${PLAN_CONFIGS:+--configs $PLAN_CONFIGS} ;;
     nvme) deepspeed_env; part nvme-regime "${NVME_S:-560}" python3 bench/nvme_regime.py \
              --systems "${NVME_SYSTEMS:-offload,deepspeed}" --mbs "${NVME_MBS:-4}" \
              --time-budget $(( ${NVME_S:-560} - 20 )) ;;

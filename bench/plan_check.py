@@ -47,7 +47,7 @@ def profile(a):
     from offload.probe import load_profile, probe
     if a.machine:
         return load_profile(a.machine)
-    prof, _ = probe([a.nvme], quick=True)
+    prof, _ = probe([a.nvme], quick=a.device != "cuda")   # the full disk measurement: 1 GiB a request
     if a.device == "cuda":
         import torch
         from offload.machine import machine_rates

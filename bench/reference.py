@@ -254,7 +254,7 @@ def measure_rates(device="cuda", nvme=None):
     r = {}
     if nvme:
         from offload.probe import disk_profile
-        disk, _, direct = disk_profile(nvme[:1], (256 if device == "cuda" else 16) << 20)
+        disk, _, direct = disk_profile(nvme[:1], (1024 if device == "cuda" else 16) << 20)
         r.update(disk, disk_o_direct=float(direct))   # 0: the page cache's rates, not the disk's
     if device != "cuda":
         from offload.probe import adam_native_rate, mem_bandwidth

@@ -25,7 +25,6 @@ PROFILE_KEYS = ("pcie_gb_s", "pcie_h2d_gb_s", "pcie_d2h_gb_s", "gpu_tflops", "gp
                 "torch_adam_gparams_s",
                 "mem_bw_gb_s", "cpu_memory_bytes", "nvme_paths")
 QUEUE_DEPTHS = (1, 8, 32)
-IO_CHUNK = 1 << 20
 
 
 def load_profile(path):
@@ -87,19 +86,11 @@ def adam_rates(numel, repeats=3):
     return native, fused
 
 
-def _stream(store, obj, buf, nbytes, write, depth):
-    """Moves nbytes in IO_CHUNK requests with `depth` of them in flight; returns seconds."""
-    view = memoryview(buf)
-    tickets = []
+def _timed_request(store, submit):
+    """Seconds from submitting one request (submit() returns its ticket) to its completion: submit itself
+    waits for queue slots, so most of the transfer happens inside it."""
     t0 = time.perf_counter()
-    for off in range(0, nbytes, IO_CHUNK):
-        chunk = view[off:off + IO_CHUNK]
-        submit = store.submit_write if write else store.submit_read
-        tickets.append(submit(obj, off, chunk))
-        if len(tickets) >= depth:
-            store.wait(tickets.pop(0))
-    for t in tickets:
-        store.wait(t)
+    store.wait(submit())
     return time.perf_counter() - t0
 
 
@@ -118,18 +109,29 @@ def _quiet_store(path, depth):
         return open_store([path], queue_depth=depth)
 
 
+def _written_object(store, buf, nbytes):
+    """A store object of nbytes whose blocks are already written once, as the engine's state files are after
+    its setup: a first write into fresh (fallocated) blocks also converts their extents, which costs more than
+    the steady state's overwrites and would understate the disk."""
+    obj = store.create(nbytes)
+    store.wait(store.submit_write(obj, 0, buf))
+    return obj
+
+
 def disk_rates(path, nbytes):
-    """{depth: (read GB/s, write GB/s)} and whether O_DIRECT was used, through the store on one path. The
-    file is removed before returning. Buffered I/O (no O_DIRECT) measures the page cache, not the disk."""
+    """{depth: (read GB/s, write GB/s)} and whether O_DIRECT was used, through the store on one path, moved as
+    the engine moves a unit's states: one request of nbytes that the store cuts into sub-requests with `depth`
+    of them in flight (no Python per sub-request), overwriting written blocks. The file is removed before
+    returning. Buffered I/O (no O_DIRECT) measures the page cache, not the disk."""
     buf = _random_pages(nbytes)
     out, direct = {}, None
     for depth in QUEUE_DEPTHS:
         with _quiet_store(path, depth) as store:
             direct = bool(store.direct[0])
-            obj = store.create(nbytes)
+            obj = _written_object(store, buf, nbytes)
             try:
-                w = _stream(store, obj, buf, nbytes, True, depth)
-                r = _stream(store, obj, buf, nbytes, False, depth)
+                w = _timed_request(store, lambda: store.submit_write(obj, 0, buf))
+                r = _timed_request(store, lambda: store.submit_read(obj, 0, buf))
             finally:
                 store.remove(obj)
         out[depth] = (nbytes / r / 1e9, nbytes / w / 1e9)
@@ -138,35 +140,38 @@ def disk_rates(path, nbytes):
 
 
 def disk_mixed_rate(path, nbytes, depth=QUEUE_DEPTHS[-1]):
-    """GB/s of reads and writes together, nbytes each, with `depth` requests of each kind in flight at once,
-    through the store on one path (O_DIRECT where the filesystem allows)."""
+    """GB/s of reads and writes together: one read of nbytes and one write of nbytes submitted at once to a
+    store of queue depth `depth` (the engine's), as a step that streams optimizer states reads one unit's
+    states while it writes another's back; O_DIRECT where the filesystem allows."""
+    import threading
     buf, sink = _random_pages(nbytes), mmap.mmap(-1, nbytes)
-    with _quiet_store(path, 2 * depth) as store:
-        src, dst = store.create(nbytes), store.create(nbytes)
+    with _quiet_store(path, depth) as store:
+        src, dst = _written_object(store, buf, nbytes), _written_object(store, buf, nbytes)
         try:
-            _stream(store, src, buf, nbytes, True, depth)      # what the timed pass reads back
-            sec = _read_while_writing(store, src, dst, sink, buf, nbytes, depth)
+            # submit() returns once all but the last sub-requests are queued, so the write is submitted from
+            # a second thread, as the engine's optimizer thread writes while its prefetch reads
+            done = []
+
+            def write():
+                try:
+                    done.append(store.submit_write(dst, 0, buf))
+                except BaseException as e:   # raised in this thread below, with its file, offset and errno
+                    done.append(e)
+            writer = threading.Thread(target=write)
+            t0 = time.perf_counter()
+            writer.start()
+            store.wait(store.submit_read(src, 0, sink))
+            writer.join()
+            if isinstance(done[0], BaseException):
+                raise done[0]
+            store.wait(done[0])
+            sec = time.perf_counter() - t0
         finally:
             store.remove(src)
             store.remove(dst)
     buf.close()
     sink.close()
     return 2 * nbytes / sec / 1e9
-
-
-def _read_while_writing(store, src, dst, into, buf, nbytes, depth):
-    """Reads src into `into` while writing buf to dst, chunk by chunk, `depth` of each in flight; seconds."""
-    view, out = memoryview(buf), memoryview(into)
-    pending = []
-    t0 = time.perf_counter()
-    for off in range(0, nbytes, IO_CHUNK):
-        pending.append(store.submit_read(src, off, out[off:off + IO_CHUNK]))
-        pending.append(store.submit_write(dst, off, view[off:off + IO_CHUNK]))
-        while len(pending) >= 2 * depth:
-            store.wait(pending.pop(0))
-    for t in pending:
-        store.wait(t)
-    return time.perf_counter() - t0
 
 
 def disk_profile(paths, nbytes):
@@ -256,7 +261,7 @@ def probe(nvme_paths=(), quick=False):
     prof["cpu_adam_gparams_s"], prof["torch_adam_gparams_s"] = native, fused
     rows.append(("AdamW native (bf16 grad/out)", f"{native:.3f} G elements/s"))
     rows.append(("AdamW torch fused (fp32)", f"{fused:.3f} G elements/s"))
-    disk, disk_rows, _ = disk_profile(prof["nvme_paths"], (64 if quick else 256) << 20)
+    disk, disk_rows, _ = disk_profile(prof["nvme_paths"], (256 if quick else 1024) << 20)
     prof.update(disk)
     rows += disk_rows
     if torch.cuda.is_available():
