@@ -256,7 +256,7 @@ class UnitOptimizer:
                 u.shard.put_train(st.flat, out)
             st.stale = t.comm is not None   # the next use gathers the other ranks' slices
         elif p.params_home == "nvme":
-            ticket = t.store.submit_write(st.home_obj, 0, as_buffer(out_slot[:u.shard.train * t.itemsize]))
+            ticket = t.submit_disk(True, st.home_obj, as_buffer(out_slot[:u.shard.train * t.itemsize]), u)
             t.count("disk_write", u.shard.train * t.itemsize)
             t.store.wait(ticket)   # the next forward reads this object: the write must be complete first
             t.param_slots.release(out_slot)

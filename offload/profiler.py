@@ -12,10 +12,13 @@ update) before it could issue more work.
 Note [profiler ranges]: each span is also a torch.profiler range named offload::<kind> (the unit's name in
 its args), so it appears in a torch.profiler trace beside the kernels it issued. A range is opened only
 while a torch profiler is running (one C call to check), so tracing without one costs nothing more. The
-ranges mark when the host issued the work; the device-timed spans above are in this trace.
+ranges mark when the host issued the work; the device-timed spans above are in this trace. The optimizer's
+worker thread and the store's disk requests issued there (optim, disk_write) show in torch's trace when its
+profiler records every thread: profile(experimental_config=_ExperimentalConfig(profile_all_threads=True)).
 
 Note [wait causes]: a wait's cause travels in the kind's upper bits (kind | cause << 8), so the ring and
-its binding stay five integers per event; flush() splits them again.
+its binding stay five integers per event; flush() splits them again. A compute span's phase (forward or
+backward, recompute included) travels the same way.
 """
 import bisect
 import json
@@ -35,6 +38,9 @@ KIND_WAIT = _native.trace_kind.WAIT
 # Note [wait causes]: what a wait waited on.
 WAIT_ON = {1: "disk_read", 2: "h2d", 3: "optim"}
 WAIT_DISK, WAIT_H2D, WAIT_OPTIM = (KIND_WAIT | c << 8 for c in WAIT_ON)
+# Note [compute phases]: a compute span's phase travels the same way (compute | phase << 8).
+COMPUTE_PHASE = {1: "forward", 2: "backward"}
+KIND_FORWARD, KIND_BACKWARD = (_native.trace_kind.COMPUTE | c << 8 for c in COMPUTE_PHASE)
 # Lane titles on a GPU, where these kinds are timed on the device's streams.
 # A device wait this short is the events' own resolution, not a stall: not written.
 WAIT_FLOOR_NS = 5_000
@@ -42,7 +48,16 @@ GPU_LANES = {"compute": "gpu compute", "h2d": "gpu h2d (copy stream)", "d2h": "g
              "act_swap_out": "gpu act_swap_out (copy stream)", "act_swap_in": "gpu act_swap_in"}
 
 _now = _native.now_ns
-_profiling = torch._C._autograd._profiler_enabled
+_torch_profiler_state = torch.autograd.profiler   # its _is_profiler_enabled: set while any torch profiler runs
+
+
+def _profiling():
+    """Whether a torch profiler runs, on any thread. torch's own per-thread flag is false on the
+    optimizer's worker thread, and on every thread under profile_all_threads, where ranges are still
+    recorded (Note [profiler ranges])."""
+    return _torch_profiler_state._is_profiler_enabled
+
+
 _range_enter = torch.ops.profiler._record_function_enter_new
 _range_exit = torch.ops.profiler._record_function_exit
 
@@ -72,6 +87,8 @@ class Profiler:
         self.events = []         # (kind, unit, bytes, t0, t1, clock), clock "host" or "gpu"
         self.marks = []          # (now_ns, step): where each step began
         self.lock = threading.Lock()
+        self.partial = None      # the file while spans are appended at step boundaries, until a flush()
+        self.written = 0         # how many of self.events the open file holds
         self.plan = plan
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.timer = None
@@ -116,6 +133,19 @@ class Profiler:
             self.ring.record(kind, unit, nbytes, token, _now())
 
     @contextmanager
+    def issuing(self, kind, unit):
+        """Work that another clock times (the store's disk requests, whose spans its ring records): only
+        the torch.profiler range of issuing it, while a torch profiler runs (Note [profiler ranges])."""
+        if not _profiling():
+            yield
+            return
+        handle = _range_enter(f"offload::{KINDS[kind & 0xff]}", self._name(unit))
+        try:
+            yield
+        finally:
+            _range_exit(handle)
+
+    @contextmanager
     def span(self, kind, unit, nbytes=0):
         t = self.begin(kind, unit)
         try:
@@ -124,10 +154,42 @@ class Profiler:
             self.record(kind, unit, nbytes, t)
 
     def mark_step(self, step):
-        """A step begins now: later spans carry it as args.step. Reads the device spans that completed."""
+        """A step begins now: later spans carry it as args.step. Reads the device spans that completed and
+        appends every span collected so far to the file (Note [trace of a killed run])."""
         self.marks.append((_now(), step))
         if self.timer is not None:
             self.timer.resolve()
+        self._append_collected()
+
+    def _collect(self):
+        """Moves the ring's spans into self.events; the caller holds self.lock."""
+        self.events.extend((*row, "host") for row in self.ring.drain().tolist())
+
+    def _head(self):
+        """The document up to and into its event array: metadata first, so a reader of a file cut anywhere
+        after it still has the plan and the lanes."""
+        gpu = self.timer is not None
+        meta = [{"name": "process_name", "ph": "M", "pid": 1, "tid": 0, "args": {"name": "offload"}}]
+        meta += [{"name": "thread_name", "ph": "M", "pid": 1, "tid": i,
+                  "args": {"name": GPU_LANES.get(n, n) if gpu else n}} for n, i in LANES.items()]
+        return {"otherData": {"offload": self.metadata()}, "displayTimeUnit": "ms", "traceEvents": meta}
+
+    def _append_collected(self):
+        """Note [trace of a killed run]: close() writes the whole trace at the end, but a run killed before
+        it (out of memory, a signal, a crash) would leave nothing. So at every step boundary the spans
+        collected since the last one are appended to an open document: its event array is never closed
+        until close() replaces the file with the complete one, and the timeline reads such a cut file up to
+        its last whole event. One write of a step's spans, a few hundred small objects."""
+        with self.lock:
+            self._collect()
+            if self.partial is None:    # the first boundary, or the first after a flush(): every span again
+                self.partial, self.written = open(self.path, "w"), 0
+                head = json.dumps(self._head())
+                self.partial.write(head[:head.rindex("]")])   # the event array left open
+            rows, self.written = self.events[self.written:], len(self.events)
+        if rows:
+            self.partial.write("".join(",\n" + json.dumps(self._event(*row)) for row in rows))
+            self.partial.flush()
 
     def _name(self, unit):
         return "" if unit is None else str(self.names.get(unit, unit))
@@ -146,14 +208,13 @@ class Profiler:
                 if wait:
                     torch.cuda.synchronize(self.device)
                 self.timer.resolve(wait=wait)
-            self.events.extend((*row, "host") for row in self.ring.drain().tolist())
+            self._collect()
             events = list(self.events)
-        out = [self._event(*row) for row in events]
-        gpu = self.timer is not None
-        meta = [{"name": "process_name", "ph": "M", "pid": 1, "tid": 0, "args": {"name": "offload"}}]
-        meta += [{"name": "thread_name", "ph": "M", "pid": 1, "tid": i,
-                  "args": {"name": GPU_LANES.get(n, n) if gpu else n}} for n, i in LANES.items()]
-        doc = {"otherData": {"offload": self.metadata()}, "traceEvents": meta + out, "displayTimeUnit": "ms"}
+            if self.partial is not None:    # the complete document replaces the open one
+                self.partial.close()
+                self.partial = None
+        doc = self._head()
+        doc["traceEvents"] += [self._event(*row) for row in events]
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(doc, f)
@@ -164,8 +225,10 @@ class Profiler:
         name = KINDS.get(base, "other")
         uname = self.names.get(unit, unit)
         args = {"unit": uname, "bytes": nbytes, "tier": self._tier(name, unit, cause), "clock": clock}
-        if cause in WAIT_ON:
+        if name == "wait" and cause in WAIT_ON:
             args["on"] = WAIT_ON[cause]
+        elif name == "compute" and cause in COMPUTE_PHASE:
+            args["phase"] = COMPUTE_PHASE[cause]
         i = bisect.bisect_right(self.marks, (t0, float("inf"))) - 1
         if i >= 0:
             args["step"] = self.marks[i][1]

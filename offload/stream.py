@@ -22,10 +22,9 @@ from torch.utils._pytree import tree_flatten
 
 from . import act_auto
 from .activations import open_scope
-from ._native import trace_kind
 from .groups import UnitState
+from .profiler import KIND_BACKWARD, KIND_FORWARD
 
-KIND_COMPUTE = trace_kind.COMPUTE
 AUTO_HEADROOM = 0.25   # of the device budget, left for the head, the loss and backward when "auto" keeps
 
 
@@ -156,7 +155,7 @@ class Streamer:
             if any(not c.done for c in calls):
                 for c in calls:
                     if self.profiler and c.started and not c.done:   # its span ends with the backward pass
-                        self.profiler.end_work(c.t0, KIND_COMPUTE, u.index)
+                        self.profiler.end_work(c.t0, KIND_BACKWARD, u.index)
                     c.done = True
                 self._unit_backward_complete(u)
         self.calls = {}
@@ -199,7 +198,7 @@ class Streamer:
         self._acquire(u, "forward")
         call = _Call(self, u)
         if self.profiler:   # after _acquire: on CUDA the compute stream's wait for the params is not compute
-            call.t0 = self.profiler.begin_work(KIND_COMPUTE, u.index)
+            call.t0 = self.profiler.begin_work(KIND_FORWARD, u.index)
         self.calls.setdefault(u.index, []).append(call)
         if torch.is_grad_enabled():
             flat, spec = tree_flatten((args, kwargs))
@@ -229,7 +228,7 @@ class Streamer:
         calls = self.calls[u.index]
         call = calls[-1]
         if self.profiler:
-            self.profiler.end_work(call.t0, KIND_COMPUTE, u.index)
+            self.profiler.end_work(call.t0, KIND_FORWARD, u.index)
         if call.scope is not None:
             call.scope.hooks.__exit__(None, None, None)
             self.open_scopes.remove(call.scope)
@@ -329,7 +328,7 @@ class Streamer:
             if call.scope.prev is not None:
                 call.scope.prev.prefetch()
         if self.profiler:
-            call.t0 = self.profiler.begin_work(KIND_COMPUTE, call.unit.index)
+            call.t0 = self.profiler.begin_work(KIND_BACKWARD, call.unit.index)
 
     def call_backward_done(self, call):
         if call.done:
@@ -338,7 +337,7 @@ class Streamer:
         u = call.unit
         if call.started:
             if self.profiler:
-                self.profiler.end_work(call.t0, KIND_COMPUTE, u.index)
+                self.profiler.end_work(call.t0, KIND_BACKWARD, u.index)
             self._unuse(u)
         if all(c.done for c in self.calls.get(u.index, ())):
             self._unit_backward_complete(u)

@@ -38,6 +38,7 @@ from .store import as_buffer, open_store
 PARAM_SLOT_RESERVE = 1
 STATE_SLOT_RESERVE = 1
 KIND_H2D, KIND_D2H, KIND_OPTIM = _native.trace_kind.H2D, _native.trace_kind.D2H, _native.trace_kind.OPTIM
+KIND_DISK_READ, KIND_DISK_WRITE = _native.trace_kind.DISK_READ, _native.trace_kind.DISK_WRITE
 
 
 @dataclass(eq=False)
@@ -261,12 +262,22 @@ class Tiers:
             u.state = UnitState.READY
 
     # ---- NVMe helpers ----------------------------------------------------------------------------------
+    def submit_disk(self, write, obj, buf, u):
+        """A store request for unit u's object, tagged with u so that the trace names the unit. While a
+        torch profiler runs, issuing it is an offload::disk_read/disk_write range; the store's ring times
+        the transfer itself."""
+        submit = self.store.submit_write if write else self.store.submit_read
+        if self.prof is None:
+            return submit(obj, 0, buf, tag=u.index)
+        with self.prof.issuing(KIND_DISK_WRITE if write else KIND_DISK_READ, u.index):
+            return submit(obj, 0, buf, tag=u.index)
+
     def write_params(self, u, compute_flat, length=None):
         """Synchronous write of compute-dtype params (setup, checkpoint load)."""
         slot = self.param_slots.acquire()
         nb = (length if length is not None else u.shard.local) * self.itemsize
         slot[:nb].copy_(compute_flat[:nb // self.itemsize].view(torch.uint8))
-        self.store.wait(self.store.submit_write(u.st.home_obj, 0, as_buffer(slot[:nb])))
+        self.store.wait(self.submit_disk(True, u.st.home_obj, as_buffer(slot[:nb]), u))
         self.param_slots.release(slot)
 
     def read_states(self, u):
@@ -290,7 +301,7 @@ class Tiers:
             st.states_write.wait()
             st.states_write = None
         n = u.shard.train
-        pending = Pending(self.store, self.store.submit_read(st.states_obj, 0, as_buffer(slot[:n * 12]), tag=u.index))
+        pending = Pending(self.store, self.submit_disk(False, st.states_obj, as_buffer(slot[:n * 12]), u))
         self.count("disk_read", n * 12)
         return slot, pending
 
@@ -321,7 +332,7 @@ class Tiers:
             f[:n].copy_(master)
             f[n:2 * n].copy_(exp_avg)
             f[2 * n:].copy_(exp_avg_sq)
-        ticket = Pending(self.store, self.store.submit_write(st.states_obj, 0, as_buffer(slot[:n * 12]), tag=u.index))
+        ticket = Pending(self.store, self.submit_disk(True, st.states_obj, as_buffer(slot[:n * 12]), u))
         self.count("disk_write", n * 12)
         if wait:
             ticket.wait()
@@ -343,7 +354,7 @@ class Tiers:
             return
         st.disk_slot = slot
         nb = u.shard.local * self.itemsize
-        st.disk_ticket = Pending(self.store, self.store.submit_read(st.home_obj, 0, as_buffer(slot[:nb]), tag=u.index))
+        st.disk_ticket = Pending(self.store, self.submit_disk(False, st.home_obj, as_buffer(slot[:nb]), u))
         self.count("disk_read", nb)
 
     def fetch(self, u):
@@ -459,7 +470,7 @@ class Tiers:
         else:
             slot = self.param_slots.acquire()
             nb = u.shard.local * self.itemsize
-            self.store.wait(self.store.submit_read(st.home_obj, 0, as_buffer(slot[:nb])))
+            self.store.wait(self.submit_disk(False, st.home_obj, as_buffer(slot[:nb]), u))
             compute = slot[:nb].view(self.dtype).clone()
             self.param_slots.release(slot)
         if not u.numel_train:

@@ -16,7 +16,7 @@ from test_timeline import check_trace_schema, xs, png_pixels
 
 GRAD_ACCUM = 2
 WINDOWS = 3
-CPU_KINDS = set(KINDS.values()) - {"act_swap_out", "act_swap_in", "other"}  # activation swap is GPU-only
+CPU_KINDS = set(KINDS.values()) - {"other"}
 
 
 def loop(engine, batches):
@@ -30,7 +30,8 @@ def nvme_run(tmp_path_factory):
     """One traced run: (trace path, bytes the engine moved while training, the engine's plan)."""
     tmp = tmp_path_factory.mktemp("trace")
     path = tmp / "run.trace.json"
-    with make_engine(make_gpt(), mix="nvme", tmp_path=tmp, trace=str(path), grad_accum=GRAD_ACCUM) as engine:
+    with make_engine(make_gpt(), mix="nvme", tmp_path=tmp, trace=str(path), grad_accum=GRAD_ACCUM,
+                     activations="swap") as engine:
         assert {(u.params_home, u.states_home) for u in engine.plan.units} == {("nvme", "nvme")}
         before = dict(engine.tiers.moved)
         loop(engine, token_batches(GRAD_ACCUM * WINDOWS))
@@ -49,14 +50,19 @@ def test_run_trace_holds_every_cpu_span_kind(nvme_run):
     assert {e["cat"] for e in ev} == CPU_KINDS
     for kind in ("compute", "h2d", "d2h", "optim"):
         assert {e["args"]["unit"] for e in ev if e["cat"] == kind} == set(units), kind
-    # Forward and backward compute of every unit in every micro-batch of every step (a unit of several
-    # modules, like the embeddings with the head, has a span per module call).
+    # Forward and backward compute of every unit in every micro-batch of every step, each with its phase (a
+    # unit of several modules, like the embeddings with the head, has a span per module call).
+    assert {e["args"].get("phase") for e in ev if e["cat"] == "compute"} == {"forward", "backward"}
     for step in range(WINDOWS):
         for u in units:
-            n = sum(e["cat"] == "compute" and e["args"]["unit"] == u and e["args"].get("step") == step for e in ev)
-            assert n >= 2 * GRAD_ACCUM and n % 2 == 0, (u, step, n)
+            phases = [e["args"]["phase"] for e in ev
+                      if e["cat"] == "compute" and e["args"]["unit"] == u and e["args"].get("step") == step]
+            assert phases.count("forward") == phases.count("backward") >= GRAD_ACCUM, (u, step, phases)
     tiers = {(e["cat"], e["args"]["tier"]) for e in ev}
-    assert {("h2d", "nvme"), ("d2h", "cpu"), ("disk_read", "nvme"), ("optim", "nvme"), ("compute", "cpu")} <= tiers
+    assert {("h2d", "nvme"), ("d2h", "cpu"), ("disk_read", "nvme"), ("optim", "nvme"), ("compute", "cpu"),
+            ("act_swap_out", "cpu"), ("act_swap_in", "cpu")} <= tiers
+    for kind in ("disk_read", "disk_write", "act_swap_out", "act_swap_in"):
+        assert {e["args"]["unit"] for e in ev if e["cat"] == kind} <= set(units), kind
     assert {e["args"]["on"] for e in ev if e["cat"] == "wait"} >= {"disk_read"}
     assert all(e["args"]["clock"] == "host" for e in ev)
     steps = {e["args"].get("step") for e in ev}
@@ -120,17 +126,70 @@ def test_run_trace_draws_per_step_and_truncated(nvme_run, tmp_path, capsys):
 
 
 def test_torch_profiler_sees_offload_ranges(tmp_path):
+    """Every span kind is a torch.profiler range: those of the training thread under a default profiler,
+    the optimizer worker's too when the profiler records every thread."""
     from torch.profiler import ProfilerActivity, profile
+    from torch._C._profiler import _ExperimentalConfig
 
-    with make_engine(make_gpt(), mix="cpu", tmp_path=tmp_path, trace=str(tmp_path / "t.json")) as engine:
+    ranges = {}
+    with make_engine(make_gpt(), mix="nvme", tmp_path=tmp_path, trace=str(tmp_path / "t.json"),
+                     activations="swap") as engine:
         loop(engine, token_batches(1))   # the first step records the order that prefetching follows
         prof = engine.profiler
         assert type(prof.begin(0)) is int   # no torch profiler running: no range is opened
-        with profile(activities=[ProfilerActivity.CPU]) as tp:
-            loop(engine, token_batches(2))
-            engine.sync()
-    names = {e.name for e in tp.events()}
-    assert {"offload::compute", "offload::h2d", "offload::d2h"} <= names, sorted(n for n in names if "offload" in n)
+        for all_threads in (False, True):
+            with profile(activities=[ProfilerActivity.CPU],
+                         experimental_config=_ExperimentalConfig(profile_all_threads=all_threads)) as tp:
+                loop(engine, token_batches(2))
+                engine.sync()
+            out = tmp_path / f"torch-{all_threads}.json"
+            tp.export_chrome_trace(str(out))
+            ranges[all_threads] = {e["name"] for e in json.loads(out.read_text())["traceEvents"]
+                                   if str(e.get("name", "")).startswith("offload::")}
+    main_thread = {"offload::" + k for k in ("compute", "h2d", "d2h", "disk_read", "act_swap_out", "act_swap_in")}
+    assert main_thread <= ranges[False], sorted(ranges[False])
+    assert main_thread | {"offload::optim", "offload::disk_write"} <= ranges[True], sorted(ranges[True])
+
+
+KILLED_RUN = """
+import os, pathlib, signal, sys
+sys.path.insert(0, {tests!r})
+from conftest import make_engine
+from models import make_gpt, token_batches
+engine = make_engine(make_gpt(), mix="nvme", tmp_path=pathlib.Path({tmp!r}), trace={trace!r}, activations="swap")
+for i, batch in enumerate(token_batches(4)):
+    loss = engine(**batch).loss
+    if i == 3:
+        os.kill(os.getpid(), signal.SIGKILL)   # mid-step, between the forward and the backward
+    engine.backward(loss)
+    engine.step()
+"""
+
+
+def test_a_killed_run_leaves_a_trace_that_renders(tmp_path):
+    """A run killed mid-step never reaches close(); the spans of every step it began are in the file
+    (appended at each step boundary), and the timeline draws them."""
+    import os
+    import subprocess
+    import sys
+
+    trace = tmp_path / "killed.trace.json"
+    code = KILLED_RUN.format(tests=os.path.dirname(__file__), tmp=str(tmp_path), trace=str(trace))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == -9, r.stderr[-2000:]
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(trace.read_text())    # cut: the event array was never closed
+    events = timeline.load_trace(trace)
+    for e in events:
+        assert e["ph"] in ("X", "M") and isinstance(e["args"], dict)
+    steps = {e["args"].get("step") for e in events if e["ph"] == "X"}
+    assert {0, 1, 2} <= steps
+    assert {e["cat"] for e in events if e["ph"] == "X"} >= {"compute", "h2d", "disk_read", "optim", "act_swap_out"}
+    assert timeline.load_meta(trace)["units"]
+    png = tmp_path / "killed.png"
+    assert main(["timeline", str(trace), "-o", str(png)]) == 0
+    img, colours = png_pixels(png)
+    assert len(colours) >= 6 and (img.min(axis=2) < 0.9).mean() > 0.03
 
 
 # -- the device timer, against stand-in events ---------------------------------------------------------------
