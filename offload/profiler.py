@@ -23,7 +23,9 @@ backward, recompute included) travels the same way.
 import bisect
 import json
 import os
+import queue
 import threading
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -75,6 +77,34 @@ class _Range:
         return self.start
 
 
+class _Appender:
+    """A thread that writes `head` (a document cut inside its open event array) to path, then appends each
+    list of span rows put on its queue, formatted by fmt (Note [trace of a killed run]). A failed write
+    (a full disk) stops the appending with a warning; training goes on, and close() tries the whole file."""
+
+    def __init__(self, path, head, fmt):
+        self.queue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, args=(path, head, fmt), name="offload-trace", daemon=True)
+        self.thread.start()
+
+    def _run(self, path, head, fmt):
+        try:
+            with open(path, "w") as f:
+                f.write(head)
+                f.flush()
+                while (rows := self.queue.get()) is not None:
+                    f.write("".join(",\n" + json.dumps(fmt(*row)) for row in rows))
+                    f.flush()
+        except OSError as e:
+            warnings.warn(f"trace: appending to {path} failed ({e}); the trace is written whole at close()")
+            while self.queue.get() is not None:   # drain until finish()
+                pass
+
+    def finish(self):
+        self.queue.put(None)
+        self.thread.join()
+
+
 class Profiler:
     """device: torch.device of the run; on CUDA compute and copies are timed on the device. plan: the
     engine's Plan, whose prediction goes into the trace's metadata at each flush."""
@@ -87,8 +117,8 @@ class Profiler:
         self.events = []         # (kind, unit, bytes, t0, t1, clock), clock "host" or "gpu"
         self.marks = []          # (now_ns, step): where each step began
         self.lock = threading.Lock()
-        self.partial = None      # the file while spans are appended at step boundaries, until a flush()
-        self.written = 0         # how many of self.events the open file holds
+        self.appender = None     # appends spans to the file at step boundaries, until a flush()
+        self.written = 0         # how many of self.events went to the appender
         self.plan = plan
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.timer = None
@@ -177,19 +207,18 @@ class Profiler:
     def _append_collected(self):
         """Note [trace of a killed run]: close() writes the whole trace at the end, but a run killed before
         it (out of memory, a signal, a crash) would leave nothing. So at every step boundary the spans
-        collected since the last one are appended to an open document: its event array is never closed
-        until close() replaces the file with the complete one, and the timeline reads such a cut file up to
-        its last whole event. One write of a step's spans, a few hundred small objects."""
+        collected since the last one go to an appender thread, which adds them to an open document: its
+        event array stays open until close() replaces the file with the complete one, and the timeline
+        reads such a cut file up to its last whole event. Formatting and writing a step's few hundred spans
+        takes milliseconds of Python, so it is off the training thread."""
         with self.lock:
             self._collect()
-            if self.partial is None:    # the first boundary, or the first after a flush(): every span again
-                self.partial, self.written = open(self.path, "w"), 0
+            if self.appender is None:   # the first boundary, or the first after a flush(): every span again
                 head = json.dumps(self._head())
-                self.partial.write(head[:head.rindex("]")])   # the event array left open
+                self.appender, self.written = _Appender(self.path, head[:head.rindex("]")], self._event), 0
             rows, self.written = self.events[self.written:], len(self.events)
         if rows:
-            self.partial.write("".join(",\n" + json.dumps(self._event(*row)) for row in rows))
-            self.partial.flush()
+            self.appender.queue.put(rows)
 
     def _name(self, unit):
         return "" if unit is None else str(self.names.get(unit, unit))
@@ -210,9 +239,9 @@ class Profiler:
                 self.timer.resolve(wait=wait)
             self._collect()
             events = list(self.events)
-            if self.partial is not None:    # the complete document replaces the open one
-                self.partial.close()
-                self.partial = None
+            if self.appender is not None:   # the complete document replaces the open one
+                self.appender.finish()
+                self.appender = None
         doc = self._head()
         doc["traceEvents"] += [self._event(*row) for row in events]
         tmp = self.path + ".tmp"
