@@ -6,13 +6,13 @@ save_pretrained / from_pretrained."""
 from .errors import ConfigError
 
 PRESETS = {
-    #        hidden, intermediate, layers, heads, vocab
-    "tiny": (128, 352, 8, 4, 259),
-    "1b": (2048, 5504, 24, 16, 32000),
-    "3b": (3072, 8192, 28, 24, 32000),
-    "7b": (4096, 11008, 32, 32, 32000),
-    "13b": (5120, 13824, 40, 40, 32000),
-    "70b": (8192, 28672, 80, 64, 32000),
+    #        hidden, intermediate, layers, heads, key/value heads, vocab
+    "tiny": (128, 352, 8, 4, 4, 259),
+    "1b": (2048, 5504, 24, 16, 16, 32000),
+    "3b": (3072, 8192, 28, 24, 24, 32000),
+    "7b": (4096, 11008, 32, 32, 32, 32000),
+    "13b": (5120, 13824, 40, 40, 40, 32000),
+    "70b": (8192, 28672, 80, 64, 8, 32000),   # grouped-query attention, as LLaMA-2-70B: 69.0B parameters
 }
 
 
@@ -24,9 +24,9 @@ def preset_config(name, max_seq=4096):
     key = name.lower()
     if key not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)} or pass a model folder")
-    hidden, inter, layers, heads, vocab = PRESETS[key]
+    hidden, inter, layers, heads, kv_heads, vocab = PRESETS[key]
     return LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
                        max_position_embeddings=max_seq, tie_word_embeddings=(key == "tiny"),
                        bos_token_id=1, eos_token_id=2, pad_token_id=0)
 

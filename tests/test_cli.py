@@ -12,9 +12,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "offload", "data", "tiny.txt")
 
 
-def train(*args, cwd):
+def train(*args, cwd, progress=False):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "offload", "train", "--no-progress", *args], cwd=cwd, env=env,
+    quiet = [] if progress else ["--no-progress"]
+    return subprocess.run([sys.executable, "-m", "offload", "train", *quiet, *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -48,6 +49,24 @@ def test_train_resume_equals_uninterrupted(tmp_path):
     assert a.keys() == b.keys() and a
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_train_reports_progress_logs_and_checkpoints(tmp_path):
+    """The progress bar (loss, tokens/s, ETA, bytes per tier), the log file with every step, and a periodic
+    checkpoint."""
+    save = tmp_path / "run"
+    r = train(*common(tmp_path), "--steps", "3", "--checkpoint-every", "2", "--save", str(save), cwd=tmp_path,
+              progress=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    bar = [line for line in r.stderr.replace("\r", "\n").splitlines() if "step/s" in line or "s/step" in line][-1]
+    assert "3/3" in bar and "<" in bar, bar     # done, with tqdm's elapsed<remaining
+    for field in ("loss=", "tok_s=", "gpu=", "cpu=", "nvme="):
+        assert field in bar, (field, bar)
+    log = (save / "train.log").read_text()
+    for step in (1, 2, 3):
+        assert f"step {step} loss " in log and "tokens/s" in log
+    assert f"checkpoint {save / 'checkpoint'} at step 2" in log
+    assert "plan:" in log and f"log: {save / 'train.log'}" in r.stdout
 
 
 @pytest.mark.parametrize("case", ["missing-data", "folder-without-weights", "unknown-preset", "empty-jsonl"])
