@@ -247,6 +247,8 @@ def _plan_parser(sub):
     p.add_argument("--clip", type=float, default=None, help="global gradient-norm clipping (as train --clip: it "
                                                              "keeps every unit's AdamW on the CPU)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="the compute device (default cuda)")
+    p.add_argument("--ranks", type=int, default=1, help="processes the model is sharded over (torchrun): the "
+                                                         "budgets are each rank's, the plan is one rank's share")
     p.set_defaults(func=cmd_plan)
 
 
@@ -267,8 +269,9 @@ def plan_from_args(args):
     from .model_config import build_meta_model, load_config, model_shape
     from .probe import load_profile
 
-    if args.batch is not None and args.batch < 1 or args.grad_accum < 1 or (args.seq is not None and args.seq < 1):
-        raise ConfigError("--batch, --seq and --grad-accum must be positive")
+    if args.batch is not None and args.batch < 1 or args.grad_accum < 1 or (args.seq is not None and args.seq < 1) \
+            or args.ranks < 1:
+        raise ConfigError("--batch, --seq, --grad-accum and --ranks must be positive")
     prof = load_profile(args.machine) if args.machine else {}
     gpu_b = _budget(args.gpu_memory, prof, "gpu_memory_bytes", "--gpu-memory")
     cpu_b = _budget(args.cpu_memory, prof, "cpu_memory_bytes", "--cpu-memory")
@@ -276,11 +279,12 @@ def plan_from_args(args):
     itemsize = {"bf16": 2, "fp16": 2, "fp32": 4}[args.dtype]
     config = load_config(args.model)
     model = build_meta_model(config)
-    units = split_units(model)
+    units = split_units(model, shards=args.ranks)
     shape = model_shape(model, units, args.seq)
     rates = dict(planmod.DEFAULT_RATES, **{k: v for k, v in prof.items() if v is not None})
     kw = dict(itemsize=itemsize, device=args.device, gpu_budget=gpu_b, cpu_budget=cpu_b, nvme=nvme,
-              grad_accum=args.grad_accum, activations="auto", rates=rates, eager=args.clip is None)
+              grad_accum=args.grad_accum, activations="auto", rates=rates, eager=args.clip is None,
+              shards=args.ranks, sharded=args.ranks > 1)
     if args.batch is None:
         plan, act = planmod.engine_placement(units, **kw), None
     else:

@@ -98,12 +98,26 @@ def as_dict(run, engine):
                 numel={u.name: (u.numel, u.shard.local) for u in engine.units})
 
 
+def assert_same_on_every_rank(state):
+    """state_dict() gathers the whole model on every rank, not only on rank 0: a digest of its bytes agrees
+    across the ranks (rank 0's is compared with one process by the test)."""
+    import hashlib
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    digests = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, h.hexdigest())
+    assert len(set(digests)) == 1, f"state_dict() differs between ranks: {digests}"
+
+
 def cmd_parity(out):
     tmp = os.path.dirname(os.path.abspath(out))
     results = {}
     for case, (model_name, _, _, poison) in CASES.items():
         with engine_for(case, tmp) as engine:
             run = train(engine, global_batches(model_name), poison_at=poison.get(dist.get_rank()))
+            assert_same_on_every_rank(run.state)
             results[case] = as_dict(run, engine)
     if dist.get_rank() == 0:
         torch.save(results, out)

@@ -338,7 +338,7 @@ def test_cli_plan_is_the_plan_the_engine_builds(tmp_path, monkeypatch, share, cl
     gpu, cpu = 9_000_000, 24_000_000   # bytes: params resident, states on all three tiers
     args = argparse.Namespace(model=str(folder), gpu_memory=str(gpu), cpu_memory=str(cpu), nvme=[str(nvme)],
                               machine=None, batch=None, seq=None, dtype="fp32", grad_accum=1, clip=clip,
-                              device="cpu")
+                              device="cpu", ranks=1)
     cli_plan = cli.plan_from_args(args)[0]
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
@@ -350,3 +350,24 @@ def test_cli_plan_is_the_plan_the_engine_builds(tmp_path, monkeypatch, share, cl
     assert cli_plan.bytes == engine_plan.bytes and cli_plan.buffers == engine_plan.buffers
     assert {u.states_home for u in cli_plan.units} == {"gpu", "cpu", "nvme"}
     assert any(u.update_on == "device" for u in cli_plan.units) == (share is not None and clip is None)
+
+
+def test_cli_plan_for_several_ranks_is_one_ranks_share(tmp_path, capsys):
+    """--ranks N plans one rank's shard under per-rank budgets, as the engine does under torchrun: the states
+    each rank holds are 1/N of the model's (up to each slice's alignment padding)."""
+    import argparse
+    from offload.presets import preset_config
+    config = preset_config("tiny", max_seq=64)
+    config.to_json_file(str(tmp_path / "config.json"))
+    plans = {}
+    for ranks in (1, 2, 3):
+        args = argparse.Namespace(model=str(tmp_path / "config.json"), gpu_memory="8MiB", cpu_memory="1GiB",
+                                  nvme=None, machine=None, batch=None, seq=None, dtype="fp32", grad_accum=1,
+                                  clip=None, device="cpu", ranks=ranks)
+        plans[ranks] = cli.plan_from_args(args)[0]
+    states = {r: sum(u.numel_train // u.shards for u in p.units) for r, p in plans.items()}
+    for r in (2, 3):
+        assert states[1] / r <= states[r] <= states[1] / r * 1.02, (r, states)   # padding: aligned slices
+    assert cli.main(["plan", "--model", str(tmp_path / "config.json"), "--gpu-memory", "8MiB", "--cpu-memory",
+                     "1GiB", "--device", "cpu", "--ranks", "2"]) == 0
+    assert "2 ranks" in capsys.readouterr().out
