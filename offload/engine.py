@@ -15,6 +15,7 @@ from .errors import BudgetError, ConfigError
 from .groups import split_units
 from .oom import device_memory_guard
 from .optim import AdamW, UnitOptimizer, Worker, finite, warn_nonfinite
+from .overrides import parse_overrides
 from . import plan as plan_mod
 from .device_update import DeviceUpdater, chunk_elems
 from . import act_auto
@@ -30,14 +31,16 @@ ACTIVATION_SHARE = plan_mod.ACTIVATION_SHARE   # of gpu_memory, on CUDA, kept fo
 
 
 def engine(model, *, optimizer=None, device=None, dtype=None, gpu_memory=None, cpu_memory=None, nvme=None,
-           grad_accum=1, clip_grad_norm=None, activations="auto", trace=None, weights=None):
+           grad_accum=1, clip_grad_norm=None, activations="auto", trace=None, weights=None, overrides=None):
     """Wraps `model` for training. See DESIGN.md "The user's view"; every argument is checked before any
     work starts. weights: where the initial values of a model built on the meta device come from, a Hugging
     Face folder of safetensors shards or an offload.weights.RandomInit; each unit is materialised straight
-    into its tiers (Note [meta loading] in weights.py)."""
+    into its tiers (Note [meta loading] in weights.py). overrides: planner decisions fixed by the user (a
+    unit's homes, prefetch depths, the disk queue depth, the activation and device-AdamW shares); see
+    offload/overrides.py."""
     return Engine(model, optimizer=optimizer, device=device, dtype=dtype, gpu_memory=gpu_memory,
                   cpu_memory=cpu_memory, nvme=nvme, grad_accum=grad_accum, clip_grad_norm=clip_grad_norm,
-                  activations=activations, trace=trace, weights=weights)
+                  activations=activations, trace=trace, weights=weights, overrides=overrides)
 
 
 def _resolve_device(device):
@@ -107,7 +110,7 @@ class Engine:
     and step(); save()/load() checkpoint every tier; close() (or `with`) removes swap files."""
 
     def __init__(self, model, *, optimizer, device, dtype, gpu_memory, cpu_memory, nvme, grad_accum,
-                 clip_grad_norm, activations, trace, weights=None):
+                 clip_grad_norm, activations, trace, weights=None, overrides=None):
         if not isinstance(model, torch.nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(grad_accum, int) or isinstance(grad_accum, bool) or grad_accum < 1:
@@ -148,6 +151,8 @@ class Engine:
         self.clip_grad_norm = clip_grad_norm
         self.mode = "deferred" if clip_grad_norm is not None else "eager"   # Note [update modes] in optim.py
         self.units = split_units(model, shards=shards)
+        self.overrides = parse_overrides(overrides, [u.name for u in self.units],
+                                         frozen={u.name for u in self.units if not u.numel_train})
         if self.weights is not None:
             # Matched against the shards' headers and buffers given values now: a folder that does not fit
             # the model is refused before any tier is allocated.
@@ -184,7 +189,8 @@ class Engine:
         return plan_mod.engine_placement(
             self.units, itemsize=itemsize, device=str(self.device), gpu_budget=gpu_b, cpu_budget=cpu_b,
             nvme=nvme_paths, grad_accum=self.grad_accum, activations=activations, shards=shards,
-            eager=self.mode == "eager", sharded=self.comm is not None, rates=lambda: machine_rates(self.device, room=gpu_b))
+            eager=self.mode == "eager", sharded=self.comm is not None, rates=lambda: machine_rates(self.device, room=gpu_b),
+            overrides=self.overrides)
 
     def _check_disk_space(self, paths):
         need = self.plan.bytes["nvme"] * (self.comm.local_world if self.comm else 1)   # ranks share the disks

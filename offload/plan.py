@@ -17,7 +17,8 @@ compute-side flat buffers (resident params, the streaming working set) are whole
 """
 from dataclasses import dataclass, field
 
-from .errors import BudgetError
+from .errors import BudgetError, ConfigError
+from .overrides import NONE as NO_OVERRIDES
 from .sizes import fmt_bytes
 
 ARENA_ALIGN = 4096
@@ -69,6 +70,7 @@ class Plan:
     itemsize: int = 2
     compute_included: bool = False
     act_reserve: int = 0      # device bytes kept for activations (engine_placement)
+    queue_depth: int = 32     # the disk store's requests in flight
 
     def predict(self, tokens_per_step, rates, shape, act=None, micro_batches=1):
         """Prices a step with compute (Note [step-time model]); updates predicted_step_s, bottleneck and
@@ -124,9 +126,11 @@ def stream_working_set(units, itemsize, depth=STREAM_DEPTH):
     return (depth + 2) * max_unit + 2 * max_grad
 
 
-def _place_device(units, itemsize, gpu_budget, act_reserve, shards=1):
-    """Params, then optimizer states, on the compute device while they fit."""
+def _place_device(units, itemsize, gpu_budget, act_reserve, shards=1, forced=None, depth=None):
+    """Params, then optimizer states, on the compute device while they fit. forced: per unit (params tier
+    or None, states tier or None) fixed by overrides, placed first; depth: a fixed prefetch depth."""
     n = len(units)
+    forced = forced or [(None, None)] * n
     gpu_cap = float("inf") if gpu_budget is None else gpu_budget - act_reserve
     if gpu_cap <= 0:
         raise BudgetError(f"gpu_memory={fmt_bytes(gpu_budget)} leaves nothing for model state after "
@@ -134,12 +138,13 @@ def _place_device(units, itemsize, gpu_budget, act_reserve, shards=1):
     param_b = [u.numel * itemsize for u in units]
     params_home = ["cpu"] * n
     states_home = ["-" if u.numel_train == 0 else "cpu" for u in units]
-    depth = STREAM_DEPTH
+    fixed_depth = depth is not None
+    depth = depth if fixed_depth else STREAM_DEPTH
     stream_ws = stream_working_set(units, itemsize, depth)
-    if stream_ws > gpu_cap:   # a tight budget: prefetch one unit ahead instead of two
+    if stream_ws > gpu_cap and not fixed_depth:   # a tight budget: prefetch one unit ahead instead of two
         depth = 1
         stream_ws = stream_working_set(units, itemsize, depth)
-    if sum(param_b) <= gpu_cap:
+    if sum(param_b) <= gpu_cap and all(p in (None, "gpu") for p, _ in forced):
         params_home = ["gpu"] * n
         gpu_used = sum(param_b)
     else:
@@ -148,17 +153,29 @@ def _place_device(units, itemsize, gpu_budget, act_reserve, shards=1):
                 f"gpu_memory={fmt_bytes(gpu_budget)} cannot hold the streaming working set of "
                 f"{fmt_bytes(stream_ws)} ({depth + 2} buffers of the largest unit, "
                 f"{fmt_bytes(max(param_b))}, plus its gradients); raise gpu_memory by "
-                f"{fmt_bytes(stream_ws - gpu_cap)}")
+                f"{fmt_bytes(stream_ws - gpu_cap)}" + (" or lower prefetch_depth" if fixed_depth else ""))
         gpu_used = stream_ws
         for i in range(n):
-            if gpu_used + param_b[i] <= gpu_cap:
+            if forced[i][0] == "gpu":
                 params_home[i] = "gpu"
                 gpu_used += param_b[i]
+        for i in range(n):
+            if forced[i][0] is None and gpu_used + param_b[i] <= gpu_cap:
+                params_home[i] = "gpu"
+                gpu_used += param_b[i]
+    need = [device_state_bytes(u.numel_train // shards) for u in units]
     for i, u in enumerate(units):
-        need = device_state_bytes(u.numel_train // shards)
-        if u.numel_train and params_home[i] == "gpu" and gpu_used + need <= gpu_cap:
+        if u.numel_train and forced[i][1] == "gpu":
             states_home[i] = "gpu"
-            gpu_used += need
+            gpu_used += need[i]
+    for i, u in enumerate(units):
+        if u.numel_train and forced[i][1] is None and params_home[i] == "gpu" and gpu_used + need[i] <= gpu_cap:
+            states_home[i] = "gpu"
+            gpu_used += need[i]
+    if gpu_used > gpu_cap:   # only what overrides fixed can overflow: the rest is placed while it fits
+        raise BudgetError(f"overrides put {fmt_bytes(gpu_used)} on the device (model state and streaming "
+                          f"buffers), {fmt_bytes(gpu_used - gpu_cap)} more than gpu_memory={fmt_bytes(gpu_budget)} "
+                          f"leaves after {fmt_bytes(act_reserve)} kept for activations; place fewer units on the gpu")
     return params_home, states_home, stream_ws, depth
 
 
@@ -201,16 +218,22 @@ def host_memory_bounds(units, *, itemsize, gpu_budget, grad_accum, act_reserve=0
 
 
 def plan_placement(units, *, itemsize, device, gpu_budget, cpu_budget, nvme, grad_accum, activations,
-                   act_reserve=0, shards=1):
+                   act_reserve=0, shards=1, forced=None, depth=None):
     """units: groups.Unit list (built with split_units(..., shards=shards)). Budgets in bytes (None =
-    unbounded), per rank. Returns a Plan or raises BudgetError."""
+    unbounded), per rank. forced, depth: what overrides fixed (_place_device). Returns a Plan or raises
+    BudgetError."""
     n = len(units)
-    params_home, states_home, stream_ws, depth = _place_device(units, itemsize, gpu_budget, act_reserve, shards)
+    forced = forced or [(None, None)] * n
+    params_home, states_home, stream_ws, depth = _place_device(units, itemsize, gpu_budget, act_reserve, shards,
+                                                               forced, depth)
     grads, host_params, host_states, param_b, state_b, staging, everything = _host_needs(
         units, params_home, states_home, itemsize, grad_accum, shards)
     cpu_cap = float("inf") if cpu_budget is None else cpu_budget
     param_slots = 0
-    if everything <= cpu_cap:
+    on_disk = [i for i in range(n) if "nvme" in forced[i]]
+    if on_disk and not nvme:
+        raise ConfigError(f"overrides put {units[on_disk[0]].name} on nvme, but no nvme paths are given")
+    if everything <= cpu_cap and not on_disk:
         staging = 0
     else:
         if not nvme:
@@ -225,12 +248,29 @@ def plan_placement(units, *, itemsize, device, gpu_budget, cpu_budget, nvme, gra
                 f"cpu_memory={fmt_bytes(cpu_budget)} is {fmt_bytes(-room)} short of the minimum for "
                 f"streaming from NVMe: gradient buffers {fmt_bytes(grads)} and staging {fmt_bytes(staging)}; "
                 f"raise cpu_memory")
+        for i in host_params:     # what overrides fixed first: on the disk, or held in host memory
+            if forced[i][0] == "nvme":
+                params_home[i] = "nvme"
+            elif forced[i][0] == "cpu":
+                room -= param_b[i]
+        for i in host_states:
+            if forced[i][1] == "nvme":
+                states_home[i] = "nvme"
+            elif forced[i][1] == "cpu":
+                room -= state_b[i]
+        if room < 0:
+            raise BudgetError(f"cpu_memory={fmt_bytes(cpu_budget)} is {fmt_bytes(-room)} short of what overrides "
+                              f"keep in host memory beside the gradient and staging buffers; move units to nvme")
         for i in host_params:
+            if forced[i][0] is not None:
+                continue
             if param_b[i] <= room:
                 room -= param_b[i]
             else:
                 params_home[i] = "nvme"
         for i in host_states:
+            if forced[i][1] is not None:
+                continue
             if state_b[i] <= room:
                 room -= state_b[i]
             else:
@@ -268,21 +308,22 @@ ACTIVATION_SHARE = 0.4   # of gpu_memory, on CUDA, kept free for activations and
 MIN_ACTIVATION_SHARE = 0.1   # ... or less, down to this, when the streaming working set needs the rest
 
 
-def update_staging_bytes(units, device, *, eager, grad_accum, sharded=False):
+def update_staging_bytes(units, device, *, eager, grad_accum, sharded=False, forced_share=None):
     """Device bytes for device-side AdamW's staging, or None where it does not apply: it needs each unit's
     update to run as soon as that unit's gradients are complete, so no clipping (eager=False: it needs every
     gradient first) and no accumulation window; not with several ranks (each rank's slice goes through the
-    reduce-scatter path); and a GPU, unless a test forces a share (DEVICE_UPDATE_SHARE) on the CPU."""
+    reduce-scatter path); and a GPU, unless a share is forced (DEVICE_UPDATE_SHARE in tests, or the
+    device_update_share override) on the CPU, where "the device" is the CPU running the same code."""
     if not eager or grad_accum != 1 or sharded:
         return None
     if not str(device).startswith("cuda"):
-        return 0 if DEVICE_UPDATE_SHARE is not None else None
+        return 0 if DEVICE_UPDATE_SHARE is not None or forced_share is not None else None
     from .device_update import chunk_elems, staging_bytes
     return staging_bytes(chunk_elems(max((u.numel_train for u in units), default=1)))
 
 
 def engine_placement(units, *, itemsize, device, gpu_budget, cpu_budget, nvme, grad_accum, activations,
-                     rates, eager=True, shards=1, sharded=False, defer=True):
+                     rates, eager=True, shards=1, sharded=False, defer=True, overrides=NO_OVERRIDES):
     """The placement offload.engine() makes (the engine and `offload plan` both call this, so a plan printed
     ahead of time is the one a run gets): on CUDA ACTIVATION_SHARE of gpu_budget is kept for activations (the
     batch is not known yet); room for device-side AdamW's staging buffers is kept beside it where that applies
@@ -290,36 +331,52 @@ def engine_placement(units, *, itemsize, device, gpu_budget, cpu_budget, nvme, g
     each side its share of AdamW (Note [device-side AdamW]). rates: a machine profile, or a callable returning
     one (called only when device-side AdamW applies: measuring rates on a GPU takes a second). defer=False: the
     states placed on the device are shown there from the start (a caller that priced the batch's activations
-    into the reserve), not held in host memory for the first step as the engine does."""
+    into the reserve), not held in host memory for the first step as the engine does. overrides: what the
+    user fixed (offload/overrides.py); the rest is planned around it."""
+    o = overrides
     cuda = str(device).startswith("cuda") and bool(gpu_budget)
-    act_reserve = int(gpu_budget * ACTIVATION_SHARE) if cuda else 0
+    act_share = o.activation_share if o.activation_share is not None else ACTIVATION_SHARE
+    act_reserve = int(gpu_budget * act_share) if cuda else 0
     kw = dict(itemsize=itemsize, device=str(device), gpu_budget=gpu_budget, cpu_budget=cpu_budget, nvme=nvme,
-              grad_accum=grad_accum, activations=activations, shards=shards)
-    staging = update_staging_bytes(units, device, eager=eager, grad_accum=grad_accum, sharded=sharded)
+              grad_accum=grad_accum, activations=activations, shards=shards,
+              forced=o.homes([u.name for u in units]), depth=o.prefetch_depth)
+    staging = update_staging_bytes(units, device, eager=eager, grad_accum=grad_accum, sharded=sharded,
+                                   forced_share=o.device_update_share)
+    if o.device_update_share and staging is None:
+        raise ConfigError("overrides: device_update_share needs the device-side AdamW, which runs only without "
+                          "clip_grad_norm, with grad_accum=1 and on one rank")
     try:
         plan, staging = _place_beside(units, act_reserve, staging, kw)
     except BudgetError:
         # Units so large that the streaming working set does not fit beside the usual share (a 175B block is
         # 3.4 GiB): activations get what the smallest working set leaves, if that is still a useful share.
         leftover = gpu_budget - stream_working_set(units, itemsize, 1) if cuda else -1
-        if not MIN_ACTIVATION_SHARE * gpu_budget <= leftover < act_reserve:
+        if o.activation_share is not None or not MIN_ACTIVATION_SHARE * gpu_budget <= leftover < act_reserve:
             raise
         act_reserve = leftover
         plan, staging = _place_beside(units, act_reserve, staging, kw)
         plan.notes.append(f"activations keep {fmt_bytes(act_reserve)} of the device ({act_reserve / gpu_budget:.0%} of "
                           f"gpu_memory, not {ACTIVATION_SHARE:.0%}): the streaming working set needs the rest")
     if staging is not None:
-        assign_update_sites(plan, rates() if callable(rates) else rates, gpu_room=staging, share=DEVICE_UPDATE_SHARE)
+        share = o.device_update_share if o.device_update_share is not None else DEVICE_UPDATE_SHARE
+        assign_update_sites(plan, rates() if callable(rates) else rates, gpu_room=staging, share=share)
+    elif o.device_update_share:
+        raise ConfigError(f"overrides: device_update_share={o.device_update_share} leaves no room on the device for "
+                          f"the device-side AdamW's staging buffers under gpu_memory={fmt_bytes(gpu_budget)}")
     plan.act_reserve = act_reserve
+    plan.disk_prefetch_depth = o.disk_prefetch_depth or plan.disk_prefetch_depth
+    plan.queue_depth = o.queue_depth or plan.queue_depth
     if cuda and not sharded and defer:
-        defer_device_states(plan, units, cpu_budget, grad_accum)
+        defer_device_states(plan, units, cpu_budget, grad_accum, keep={n for n, (_, s) in o.units.items() if s})
     return plan
 
 
-def defer_device_states(plan, units, cpu_budget, grad_accum):
+def defer_device_states(plan, units, cpu_budget, grad_accum, keep=()):
     """Holds the states placed on the device in the arena instead, for the first step, where the CPU budget
-    allows (Note [device states after the first step]); marks them UnitPlan.promote and moves their bytes."""
-    chosen = [(u, p) for u, p in zip(units, plan.units) if p.states_home == "gpu" and p.numel_train]
+    allows (Note [device states after the first step]); marks them UnitPlan.promote and moves their bytes.
+    keep: names of units whose states' home overrides fixed: they stay where they were put."""
+    chosen = [(u, p) for u, p in zip(units, plan.units) if p.states_home == "gpu" and p.numel_train
+              and p.name not in keep]
     grads = sum(_grad_bytes(u, "gpu", "cpu", plan.itemsize, grad_accum) for u, _ in chosen)
     states = sum(_a(p.numel_train * STATE_BYTES) for _, p in chosen)
     if not chosen or (cpu_budget is not None and plan.arena_bytes + grads + states > cpu_budget):

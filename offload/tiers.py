@@ -163,7 +163,7 @@ class Tiers:
         self.arena = HostArena(max(arena_bytes, 4096), pin=self.cuda) if arena_bytes else None
         uses_disk = any(p.params_home == "nvme" or p.states_home == "nvme" for p in plan.units)
         self.prof = trace   # a profiler.Profiler or None
-        self.store = open_store(nvme, queue_depth=32, trace=trace.ring if trace else None) if uses_disk else None
+        self.store = open_store(nvme, queue_depth=plan.queue_depth, trace=trace.ring if trace else None) if uses_disk else None
         max_state = max((u.shard.train * 12 for u, p in zip(units, plan.units) if p.states_home == "nvme"), default=0)
         max_param = max((u.shard.local * self.itemsize for u, p in zip(units, plan.units) if p.params_home == "nvme"),
                         default=0)
