@@ -4,6 +4,11 @@
 - "recompute": only the block's inputs are kept; the first time backward needs a saved tensor, the block's
   forward is re-run (same RNG state, same autocast state) under a capturing hook, and the tensors it saves
   replace the dropped ones in order. Parameters are resident then: the block's backward has acquired them.
+- "recompute+offload": as "recompute", but the block's inputs that carry gradients (the hidden states between
+  blocks) wait in pinned host memory instead of on the device: out on the device->host stream in forward,
+  back on the host->device stream one block ahead in backward (Note [swap-in prefetch]). The device then
+  holds no per-block activations at all between forward and backward: what a model whose blocks' inputs
+  alone overflow the device needs (GPT-3 175B at 16 x 1024 tokens: 38.7 GB of them).
 - "swap": every saved tensor that is not a parameter goes to pinned host memory on the device->host
   stream; backward brings it back on the host->device stream, prefetched one block ahead (Note [swap-in
   prefetch]).
@@ -29,7 +34,7 @@ from torch.utils._pytree import tree_map
 
 from ._native import trace_kind
 
-POLICIES = ("keep", "recompute", "swap", "auto")
+POLICIES = ("keep", "recompute", "recompute+offload", "swap", "auto")
 KIND_SWAP_OUT = trace_kind.ACT_SWAP_OUT
 KIND_SWAP_IN = trace_kind.ACT_SWAP_IN
 
@@ -130,6 +135,41 @@ class RecomputeScope:
 
     def prefetch(self):
         """Nothing to bring back: the inputs are on the device."""
+
+
+class _OnHost:
+    """Where a block input sent to the host stood in the call's arguments: its index in the stash."""
+    __slots__ = ("index", "requires_grad")
+
+    def __init__(self, index, requires_grad):
+        self.index, self.requires_grad = index, requires_grad
+
+
+class OffloadedRecomputeScope(RecomputeScope):
+    """The saved-tensor hooks of one block call under "recompute+offload": a RecomputeScope whose kept
+    inputs (those that require grad, the activations flowing between blocks; masks and position tables are
+    shared by every block and stay) are in a HostStash until the block's backward re-runs its forward."""
+
+    def __init__(self, module, args, kwargs, device, on_recompute, stash, prev=None):
+        def send(x):
+            if isinstance(x, torch.Tensor) and x.requires_grad and x.device.type == device.type:
+                return _OnHost(stash.put(x), x.requires_grad)
+            return x
+        super().__init__(module, tree_map(send, args), tree_map(send, kwargs), device, on_recompute)
+        self.stash, self.prev = stash, prev
+
+    def unpack(self, i):
+        if self.saved is None:   # the inputs come back before the forward re-runs on them
+            def fetch(x):
+                return self.stash.get(x.index).requires_grad_(x.requires_grad) if isinstance(x, _OnHost) else x
+            self.replay.args, self.replay.kwargs = tree_map(fetch, self.replay.args), tree_map(fetch, self.replay.kwargs)
+        return super().unpack(i)
+
+    def exit(self):
+        self.stash.sealed()
+
+    def prefetch(self):
+        self.stash.prefetch()
 
 
 def _never_unpacked(_):
@@ -242,8 +282,10 @@ def open_scope(policy, module, args, kwargs, *, unit, device, d2h, h2d, profiler
     """The saved-tensor scope of one block call under `policy` ("keep" and "auto" still undecided: None)."""
     if policy == "recompute":
         return RecomputeScope(module, args, kwargs, device, on_recompute)
-    if policy == "swap" or isinstance(policy, float):
+    if policy in ("swap", "recompute+offload") or isinstance(policy, float):
         stash = HostStash(device, d2h, h2d, profiler, unit.index)
+        if policy == "recompute+offload":
+            return OffloadedRecomputeScope(module, args, kwargs, device, on_recompute, stash, prev)
         if policy == "swap":
             return SwapScope(device, stash, param_storages(), prev)
         from .token_split import TokenSplitScope

@@ -604,7 +604,15 @@ def plan_for_batch(units, shape, batch, rates=None, micro_batches=1, **kw):
     opts = activation_options(shape, batch, kw["itemsize"])
     if not str(kw["device"]).startswith("cuda"):
         return plan, opts[0]
-    fits = [a for a in opts if a.device_bytes <= plan.act_reserve]
+    cpu_budget = plan.budgets.get("cpu")
+    host_room = float("inf") if cpu_budget is None else cpu_budget - plan.arena_bytes
+    fits = [a for a in opts if a.device_bytes <= plan.act_reserve and a.host_bytes <= host_room]
+    if not fits and opts[-1].device_bytes <= plan.act_reserve:
+        raise BudgetError(f"batch {batch} x seq {shape.seq}: with recompute, the block inputs need "
+                          f"{fmt_bytes(opts[-2].device_bytes)} of the device, more than the {fmt_bytes(plan.act_reserve)} "
+                          f"kept for activations, and {fmt_bytes(opts[-1].host_bytes)} in host memory, more than the "
+                          f"{fmt_bytes(max(host_room, 0))} cpu_memory leaves beside the arena; lower --batch or raise "
+                          f"cpu_memory")
     if not fits:
         raise BudgetError(f"batch {batch} x seq {shape.seq}: even with recompute and block inputs in host memory "
                           f"activations need {fmt_bytes(opts[-1].device_bytes)} of the device, more than the "

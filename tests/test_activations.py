@@ -173,7 +173,25 @@ def test_engine_policy_parity(policy, tmp_path):
     assert_runs_match(got, ref, model)
 
 
-@pytest.mark.parametrize("policy", ["recompute", "swap", 0.5], ids=str)
+def test_recompute_offload_holds_no_block_input_on_the_device(tmp_path):
+    """Between a block's forward and its backward, "recompute+offload" keeps the block's gradient-carrying
+    inputs only as host copies: the scopes' replays hold placeholders, the stashes hold the bytes."""
+    from torch.utils._pytree import tree_flatten
+    from conftest import make_engine
+    from offload.activations import OffloadedRecomputeScope, _OnHost
+    with make_engine(make_gpt(), mix="cpu", tmp_path=tmp_path, activations="recompute+offload") as eng:
+        loss = eng(**token_batches(1)[0]).loss
+        scopes = [c.scope for calls in eng.streamer.calls.values() for c in calls if c.scope is not None]
+        assert scopes and all(isinstance(sc, OffloadedRecomputeScope) for sc in scopes)
+        for sc in scopes:
+            leaves = tree_flatten((sc.replay.args, sc.replay.kwargs))[0]
+            assert not any(isinstance(x, torch.Tensor) and x.requires_grad for x in leaves)
+            assert any(isinstance(x, _OnHost) for x in leaves) and sc.stash.nbytes > 0
+        eng.backward(loss)
+        assert eng.step()
+
+
+@pytest.mark.parametrize("policy", ["recompute", "recompute+offload", "swap", 0.5], ids=str)
 def test_forward_that_raises_leaves_no_hooks_and_training_goes_on(policy, tmp_path):
     """A block's forward raises (as an out-of-memory error would) after its activation scope's saved-tensor
     hooks were entered: the hooks are left (else every later op on the thread is saved into a dead scope and
@@ -197,7 +215,7 @@ def test_forward_that_raises_leaves_no_hooks_and_training_goes_on(policy, tmp_pa
     assert_runs_match(got, ref, model)
 
 
-@pytest.mark.parametrize("policy", [0.5, "swap"], ids=str)
+@pytest.mark.parametrize("policy", [0.5, "swap", "recompute+offload"], ids=str)
 def test_engine_hf_llama_split_parity(policy, tmp_path):
     model = make_hf("llama")
     batches = hf_batches("llama", 3)
@@ -207,7 +225,7 @@ def test_engine_hf_llama_split_parity(policy, tmp_path):
     assert_runs_match(got, ref, model)
 
 
-@pytest.mark.parametrize("policy", [0.5, "swap"], ids=str)
+@pytest.mark.parametrize("policy", [0.5, "swap", "recompute+offload"], ids=str)
 def test_swaps_are_trace_spans(policy, tmp_path):
     """Activation copies out (forward) and back (backward) are spans of their own lanes, per block, with
     their bytes."""
@@ -292,7 +310,7 @@ def test_auto_nothing_recomputed_changes_nothing():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("policy", ["swap", 0.5, "auto", "recompute"], ids=str)
+@pytest.mark.parametrize("policy", ["swap", 0.5, "auto", "recompute", "recompute+offload"], ids=str)
 @pytest.mark.parametrize("name", ["gpt", "llama"])
 def test_bf16_gpu_policy_parity(name, policy, tmp_path):
     """bf16 on the GPU, params streamed from the CPU tier: every policy within the bf16 tolerances of

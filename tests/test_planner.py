@@ -154,6 +154,19 @@ def test_batch_is_fitted_into_the_engines_activation_reserve(tiny):
     too_small = int(opts[2].device_bytes / planmod.ACTIVATION_SHARE) - 10
     with pytest.raises(planmod.BudgetError, match="keeps for them"):
         planmod.plan_for_batch(units, shape, 4, gpu_budget=too_small, **kw)
+    # between recompute's reserve and recompute+offload's: the block inputs go to host memory, which the CPU
+    # budget must hold beside the arena
+    # (priced as a deep model, where the block inputs kept on the device outweigh one block's activations)
+    import dataclasses
+    deep = dataclasses.replace(shape, layers=200)
+    opts = planmod.activation_options(deep, 4, 2)
+    offload_only = int(opts[2].device_bytes / planmod.ACTIVATION_SHARE) + 10
+    assert opts[1].device_bytes > offload_only * planmod.ACTIVATION_SHARE
+    p, act = planmod.plan_for_batch(units, deep, 4, gpu_budget=offload_only, **kw)
+    assert act.policy == "recompute+offload" and act.host_bytes == deep.layers * 4 * 32 * 64 * 2
+    tight_host = dict(kw, cpu_budget=p.arena_bytes + act.host_bytes - 1)
+    with pytest.raises(planmod.BudgetError, match="block inputs need .* in host memory"):
+        planmod.plan_for_batch(units, deep, 4, gpu_budget=offload_only, **tight_host)
 
 
 def test_engine_placement_reserves_activations_then_staging_then_assigns_update_sites(tiny):
