@@ -348,7 +348,7 @@ def cmd_probe(args):
         print(f"{what:<{width}}  {value}")
     with open(args.output, "w") as f:
         json.dump(prof, f, indent=1)
-    print(f"\nwrote {args.output}")
+    print(f"\nmeasured in {prof['probe_s']:.1f} s; wrote {args.output}")
     return 0
 
 

@@ -12,6 +12,7 @@ A profile is a flat JSON object; every rate is a measured (or, for a described m
   torch_adam_gparams_s: torch.optim.AdamW(fused=True), fp32 throughout, for comparison
 - mem_bw_gb_s: host memory copy bandwidth (bytes read + written); cpu_memory_bytes: total host memory
 - nvme_paths: the directories measured
+- probe_s: seconds `offload probe` took to measure all of this
 """
 import json
 import mmap
@@ -23,7 +24,7 @@ from .errors import ConfigError
 PROFILE_KEYS = ("pcie_gb_s", "pcie_h2d_gb_s", "pcie_d2h_gb_s", "gpu_tflops", "gpu_memory_bytes",
                 "disk_read_gb_s", "disk_write_gb_s", "disk_gb_s", "disk_mixed_gb_s", "cpu_adam_gparams_s",
                 "torch_adam_gparams_s",
-                "mem_bw_gb_s", "cpu_memory_bytes", "nvme_paths")
+                "mem_bw_gb_s", "cpu_memory_bytes", "nvme_paths", "probe_s")
 QUEUE_DEPTHS = (1, 8, 32)
 
 
@@ -251,6 +252,7 @@ def probe(nvme_paths=(), quick=False):
     """Measures this machine; returns (profile dict, table rows of (what, value))."""
     import psutil
     import torch
+    t0 = time.perf_counter()
     rows = []
     prof = dict.fromkeys(PROFILE_KEYS)
     prof["nvme_paths"] = [os.path.abspath(p) for p in nvme_paths]
@@ -271,4 +273,5 @@ def probe(nvme_paths=(), quick=False):
                  ("GPU bf16 matmul", f"{tflops:.1f} TFLOPS"), ("GPU free memory", f"{free / 2**30:.2f} GiB")]
     else:
         rows.append(("GPU", "none (CUDA unavailable): gpu and pcie keys are null"))
+    prof["probe_s"] = round(time.perf_counter() - t0, 1)
     return prof, rows

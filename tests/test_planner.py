@@ -322,6 +322,7 @@ def test_probe_quick_writes_documented_keys(tmp_path, capsys):
               "disk_gb_s", "disk_mixed_gb_s", "cpu_memory_bytes"):
         assert prof[k] > 0, k
     assert prof["nvme_paths"] == [str(disk)]
+    assert 0 < prof["probe_s"] < 30
     assert os.listdir(disk) == []                  # the probe file is removed
     import torch
     if not torch.cuda.is_available():
