@@ -159,8 +159,8 @@ class Worker:
 
 def fill_unchanged(out, master, segments):
     """Writes the current parameters (master in out's dtype, which is what they are: every value a parameter
-    ever takes is its master rounded) where no segment updates, for an output buffer that shares its bytes
-    with the gradients: it is copied to the device whole."""
+    ever takes is its master rounded) where no segment updates, for an output buffer written back whole: one
+    that shares its bytes with the gradients (copied to the device), or a disk staging slot."""
     at = 0
     for off, n, _ in sorted(segments):
         if off > at:
@@ -227,8 +227,10 @@ class UnitOptimizer:
             out_slot = t.param_slots.acquire()   # keep the whole slot: it goes back to the ring as it came
             out = out_slot[:u.shard.local * t.itemsize].view(t.dtype)
         segments = self._segments(u)
-        if out is st.grad:
-            fill_unchanged(out, master, segments)
+        if out is st.grad or p.params_home == "nvme":
+            # Both are written back whole: the gradient buffer shared with the output, or a reused staging
+            # slot holding another unit's old bytes. Where no segment updates, the params are their masters.
+            fill_unchanged(out[:master.numel()], master, segments)
         for off, n, step in segments:
             sl = slice(off, off + n)
             unit_adamw_(master[sl], grad[sl], m[sl], v[sl], lr=lr, betas=betas, eps=eps, weight_decay=wd,

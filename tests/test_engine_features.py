@@ -143,6 +143,34 @@ def test_param_without_grad(mix, tmp_path, grad_accum):
     assert_runs_match(got, ref, model)
 
 
+def test_unit_with_some_params_gradless_on_every_tier(mix, tmp_path):
+    """A unit where one parameter gets no gradient on some steps: its update covers only the others, and
+    the params written back (to the device, the arena or the disk) must keep the gradless one's values."""
+    from models import make_partly_used
+    model, batches = make_partly_used(), skip_batches(SKIP_PATTERN)
+    ref = run_reference(model, batches)
+    got = run_engine(model, batches, mix=mix, tmp_path=tmp_path)
+    assert_runs_match(got, ref, model)
+
+
+@pytest.mark.parametrize("states", ["cpu", "nvme"])
+def test_gradless_param_of_a_unit_streamed_from_disk_keeps_its_values(tmp_path, states):
+    """The same on the disk tier, which the nvme mixes cannot reach with so small a model: overrides put the
+    partly used unit's params there. The updated params go to the disk through a reused staging slot, so
+    the gradless parameter's range must be written from its master, not left as the slot's old bytes."""
+    from models import make_partly_used
+    model, batches = make_partly_used(), skip_batches(SKIP_PATTERN)
+    ref = run_reference(model, batches)
+    (tmp_path / "nvme").mkdir()
+    with offload.engine(copy.deepcopy(model), optimizer=offload.AdamW(**HP), device="cpu", dtype=torch.float32,
+                        gpu_memory=1 << 20, cpu_memory=None, nvme=str(tmp_path / "nvme"),
+                        overrides={"units": {"mid": {"params": "nvme", "states": states}}}) as eng:
+        mid = next(p for p in eng.plan.units if p.name == "mid")
+        assert (mid.params_home, mid.states_home) == ("nvme", states)
+        got = train_engine(eng, batches)
+    assert_runs_match(got, ref, model)
+
+
 def test_reference_skip_step_count_matters():
     """Sanity: a reference that (wrongly) gives the branch a zero grad instead of None ends elsewhere,
     so the parity test above distinguishes "skipped" from "zero gradient"."""
