@@ -11,7 +11,9 @@ plans the rest around what was fixed and checks the result against the budgets l
         "disk_prefetch_depth": 6,     # units read from the disk ahead of use
         "queue_depth": 64,            # the disk store's requests in flight
         "activation_share": 0.3,      # of gpu_memory kept for activations until the first step measures them
+                                      # (on a GPU; on the CPU nothing is kept)
         "device_update_share": 0.5,   # of the host-held AdamW elements updated on the GPU instead of the CPU
+                                      # (where the device-side AdamW applies and has room)
     })
 
 Unit names are those of engine.plan's table (`offload plan` prints them before any run).
@@ -49,8 +51,9 @@ def _positive_int(value, key, problems, most=None):
 
 
 def _share(value, key, problems, low_open):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (0 < value if low_open else 0 <= value) \
-        and value < 1 + (not low_open)
+    """A share in (0, 1) (low_open) or [0, 1]."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        (0 < value < 1 if low_open else 0 <= value <= 1)
     if not ok:
         problems.append(f"{key}={value!r}: a number in {'(0, 1)' if low_open else '[0, 1]'}")
         return None

@@ -144,38 +144,42 @@ def _place_device(units, itemsize, gpu_budget, act_reserve, shards=1, forced=Non
     if stream_ws > gpu_cap and not fixed_depth:   # a tight budget: prefetch one unit ahead instead of two
         depth = 1
         stream_ws = stream_working_set(units, itemsize, depth)
-    if sum(param_b) <= gpu_cap and all(p in (None, "gpu") for p, _ in forced):
+    need = [device_state_bytes(u.numel_train // shards) if u.numel_train else 0 for u in units]
+    # What overrides put on the device is placed first; the planner fills what is left.
+    fixed = [i for i in range(n) if forced[i][0] == "gpu"]
+    fixed_states = [i for i in range(n) if forced[i][1] == "gpu" and units[i].numel_train]
+    held = sum(param_b[i] for i in fixed) + sum(need[i] for i in fixed_states)
+    for i in fixed:
+        params_home[i] = "gpu"
+    for i in fixed_states:
+        states_home[i] = "gpu"
+    if sum(param_b) + sum(need[i] for i in fixed_states) <= gpu_cap and all(p in (None, "gpu") for p, _ in forced):
         params_home = ["gpu"] * n
-        gpu_used = sum(param_b)
+        gpu_used = sum(param_b) + sum(need[i] for i in fixed_states)
     else:
-        if stream_ws > gpu_cap:
-            raise BudgetError(
-                f"gpu_memory={fmt_bytes(gpu_budget)} cannot hold the streaming working set of "
-                f"{fmt_bytes(stream_ws)} ({depth + 2} buffers of the largest unit, "
-                f"{fmt_bytes(max(param_b))}, plus its gradients); raise gpu_memory by "
-                f"{fmt_bytes(stream_ws - gpu_cap)}" + (" or lower prefetch_depth" if fixed_depth else ""))
-        gpu_used = stream_ws
-        for i in range(n):
-            if forced[i][0] == "gpu":
-                params_home[i] = "gpu"
-                gpu_used += param_b[i]
+        if stream_ws + held > gpu_cap:
+            what = (f"the streaming working set of {fmt_bytes(stream_ws)} ({depth + 2} buffers of the largest "
+                    f"unit, {fmt_bytes(max(param_b))}, plus its gradients)")
+            if held:
+                raise BudgetError(f"gpu_memory={fmt_bytes(gpu_budget)} cannot hold {what} beside the "
+                                  f"{fmt_bytes(held)} overrides put on the device, after {fmt_bytes(act_reserve)} "
+                                  f"kept for activations: {fmt_bytes(stream_ws + held - gpu_cap)} short; place "
+                                  f"fewer units on the gpu")
+            raise BudgetError(f"gpu_memory={fmt_bytes(gpu_budget)} cannot hold {what}; raise gpu_memory by "
+                              f"{fmt_bytes(stream_ws - gpu_cap)}" + (" or lower prefetch_depth" if fixed_depth else ""))
+        gpu_used = stream_ws + held
         for i in range(n):
             if forced[i][0] is None and gpu_used + param_b[i] <= gpu_cap:
                 params_home[i] = "gpu"
                 gpu_used += param_b[i]
-    need = [device_state_bytes(u.numel_train // shards) for u in units]
-    for i, u in enumerate(units):
-        if u.numel_train and forced[i][1] == "gpu":
-            states_home[i] = "gpu"
-            gpu_used += need[i]
-    for i, u in enumerate(units):
-        if u.numel_train and forced[i][1] is None and params_home[i] == "gpu" and gpu_used + need[i] <= gpu_cap:
-            states_home[i] = "gpu"
-            gpu_used += need[i]
     if gpu_used > gpu_cap:   # only what overrides fixed can overflow: the rest is placed while it fits
         raise BudgetError(f"overrides put {fmt_bytes(gpu_used)} on the device (model state and streaming "
                           f"buffers), {fmt_bytes(gpu_used - gpu_cap)} more than gpu_memory={fmt_bytes(gpu_budget)} "
                           f"leaves after {fmt_bytes(act_reserve)} kept for activations; place fewer units on the gpu")
+    for i, u in enumerate(units):
+        if u.numel_train and forced[i][1] is None and params_home[i] == "gpu" and gpu_used + need[i] <= gpu_cap:
+            states_home[i] = "gpu"
+            gpu_used += need[i]
     return params_home, states_home, stream_ws, depth
 
 
@@ -218,10 +222,10 @@ def host_memory_bounds(units, *, itemsize, gpu_budget, grad_accum, act_reserve=0
 
 
 def plan_placement(units, *, itemsize, device, gpu_budget, cpu_budget, nvme, grad_accum, activations,
-                   act_reserve=0, shards=1, forced=None, depth=None):
+                   act_reserve=0, shards=1, forced=None, depth=None, disk_depth=None):
     """units: groups.Unit list (built with split_units(..., shards=shards)). Budgets in bytes (None =
-    unbounded), per rank. forced, depth: what overrides fixed (_place_device). Returns a Plan or raises
-    BudgetError."""
+    unbounded), per rank. forced, depth, disk_depth: what overrides fixed (_place_device; a deeper disk
+    read-ahead gets the staging slots it needs). Returns a Plan or raises BudgetError."""
     n = len(units)
     forced = forced or [(None, None)] * n
     params_home, states_home, stream_ws, depth = _place_device(units, itemsize, gpu_budget, act_reserve, shards,
@@ -230,6 +234,8 @@ def plan_placement(units, *, itemsize, device, gpu_budget, cpu_budget, nvme, gra
         units, params_home, states_home, itemsize, grad_accum, shards)
     cpu_cap = float("inf") if cpu_budget is None else cpu_budget
     param_slots = 0
+    slots = STREAM_DEPTH + 2 if disk_depth is None else max(STREAM_DEPTH + 2, disk_depth + 1)   # +1: tiers' reserve
+    staging += (slots - (STREAM_DEPTH + 2)) * max((param_b[i] for i in host_params), default=0)
     on_disk = [i for i in range(n) if "nvme" in forced[i]]
     if on_disk and not nvme:
         raise ConfigError(f"overrides put {units[on_disk[0]].name} on nvme, but no nvme paths are given")
@@ -277,7 +283,7 @@ def plan_placement(units, *, itemsize, device, gpu_budget, cpu_budget, nvme, gra
                 states_home[i] = "nvme"
         max_state = max((state_b[i] for i in range(n) if states_home[i] == "nvme"), default=0)
         max_hparam = max((param_b[i] for i in range(n) if params_home[i] == "nvme"), default=0)
-        param_slots = STREAM_DEPTH + 2 if max_hparam else 0
+        param_slots = slots if max_hparam else 0
         # Only what is really on disk needs staging; whatever that frees stays unused (never over budget).
         staging = STATE_SLOTS * max_state + param_slots * max_hparam
 
@@ -297,7 +303,7 @@ def plan_placement(units, *, itemsize, device, gpu_budget, cpu_budget, nvme, gra
         plans.append(UnitPlan(u.name, u.numel, u.numel_train, params_home[i], states_home[i], act, shards=shards))
     plan = Plan(units=plans, bytes=tier_bytes, buffers=buffers,
                 budgets={"gpu": gpu_budget, "cpu": cpu_budget, "nvme": None},
-                prefetch_depth=depth, disk_prefetch_depth=depth + 2,
+                prefetch_depth=depth, disk_prefetch_depth=disk_depth or depth + 2,
                 param_slots=param_slots, device=device, itemsize=itemsize)
     plan.predicted_step_s, plan.bottleneck, plan.resource_s = predict_state_traffic(units, plans, itemsize)
     return plan
@@ -339,7 +345,7 @@ def engine_placement(units, *, itemsize, device, gpu_budget, cpu_budget, nvme, g
     act_reserve = int(gpu_budget * act_share) if cuda else 0
     kw = dict(itemsize=itemsize, device=str(device), gpu_budget=gpu_budget, cpu_budget=cpu_budget, nvme=nvme,
               grad_accum=grad_accum, activations=activations, shards=shards,
-              forced=o.homes([u.name for u in units]), depth=o.prefetch_depth)
+              forced=o.homes([u.name for u in units]), depth=o.prefetch_depth, disk_depth=o.disk_prefetch_depth)
     staging = update_staging_bytes(units, device, eager=eager, grad_accum=grad_accum, sharded=sharded,
                                    forced_share=o.device_update_share)
     if o.device_update_share and staging is None:
@@ -364,7 +370,6 @@ def engine_placement(units, *, itemsize, device, gpu_budget, cpu_budget, nvme, g
         raise ConfigError(f"overrides: device_update_share={o.device_update_share} leaves no room on the device for "
                           f"the device-side AdamW's staging buffers under gpu_memory={fmt_bytes(gpu_budget)}")
     plan.act_reserve = act_reserve
-    plan.disk_prefetch_depth = o.disk_prefetch_depth or plan.disk_prefetch_depth
     plan.queue_depth = o.queue_depth or plan.queue_depth
     if cuda and not sharded and defer:
         defer_device_states(plan, units, cpu_budget, grad_accum, keep={n for n, (_, s) in o.units.items() if s})

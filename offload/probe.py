@@ -161,8 +161,10 @@ def disk_mixed_rate(path, nbytes, depth=QUEUE_DEPTHS[-1]):
             writer = threading.Thread(target=write)
             t0 = time.perf_counter()
             writer.start()
-            store.wait(store.submit_read(src, 0, sink))
-            writer.join()
+            try:
+                store.wait(store.submit_read(src, 0, sink))
+            finally:
+                writer.join()   # the store and the files must outlive the write in flight
             if isinstance(done[0], BaseException):
                 raise done[0]
             store.wait(done[0])

@@ -95,7 +95,7 @@ class _Appender:
                 while (rows := self.queue.get()) is not None:
                     f.write("".join(",\n" + json.dumps(fmt(*row)) for row in rows))
                     f.flush()
-        except OSError as e:
+        except Exception as e:   # a full disk, or a span that does not format: training goes on
             warnings.warn(f"trace: appending to {path} failed ({e}); the trace is written whole at close()")
             while self.queue.get() is not None:   # drain until finish()
                 pass

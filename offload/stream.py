@@ -174,7 +174,7 @@ class Streamer:
         if self.recorded[phase]:
             c = self.cursor
             depth, ddepth = self.plan.prefetch_depth, self.plan.disk_prefetch_depth
-            for j in range(c + 1, min(len(seq), c + 1 + ddepth)):
+            for j in range(c + 1, min(len(seq), c + 1 + max(depth, ddepth))):
                 nxt = self.units[seq[j]]
                 if j <= c + depth:
                     self.tiers.fetch(nxt)

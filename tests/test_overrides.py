@@ -15,10 +15,11 @@ from conftest import HP, assert_runs_match, param_count, run_reference, tier_kwa
 from models import make_gpt, token_batches
 
 
-def engine(model, tmp_path, mix="cpu+nvme", gpu_room=0, **kw):
-    """The mix's budgets, with gpu_room more bytes on the compute side for units overrides put there."""
+def engine(model, tmp_path, mix="cpu+nvme", gpu_room=0, cpu_room=0, **kw):
+    """The mix's budgets, with gpu_room (cpu_room) more bytes on the compute side (in host memory)."""
     budgets = tier_kwargs(model, mix, tmp_path)
     budgets["gpu_memory"] += gpu_room
+    budgets["cpu_memory"] += cpu_room
     return offload.engine(model, optimizer=offload.AdamW(**HP), device="cpu", dtype=torch.float32, **budgets, **kw)
 
 
@@ -59,10 +60,17 @@ def test_one_home_alone_leaves_the_other_to_the_planner(tmp_path):
 def test_depths_and_queue_depth_reach_the_streamer_and_the_store(tmp_path):
     model = make_gpt()
     spec = {"prefetch_depth": 1, "disk_prefetch_depth": 7, "queue_depth": 5}
-    with engine(model, tmp_path, mix="nvme", overrides=spec) as eng:
+    with engine(model, tmp_path, mix="nvme", cpu_room=1 << 20, overrides=spec) as eng:   # room for 4 more slots
         assert (eng.plan.prefetch_depth, eng.plan.disk_prefetch_depth, eng.plan.queue_depth) == (1, 7, 5)
         assert eng.tiers.store.queue_depth == 5
+        assert eng.plan.param_slots == 8      # a read-ahead of 7 units, and one slot kept for demand reads
         train_engine(eng, token_batches(2))   # the streamer prefetches with these depths
+
+
+def test_a_deeper_disk_read_ahead_needs_its_staging_in_host_memory(tmp_path):
+    model = make_gpt()
+    with pytest.raises(BudgetError, match="short of the minimum for streaming from NVMe"):
+        engine(model, tmp_path, mix="nvme", overrides={"disk_prefetch_depth": 7})
 
 
 def test_a_deeper_prefetch_needs_its_buffers_on_the_device(tmp_path):
@@ -106,7 +114,7 @@ def test_overrides_beyond_the_budgets_are_refused_with_numbers(tmp_path):
     names = [u.name for u in split_units(model)]
     everything_on_gpu = {"units": {n: {"params": "gpu", "states": "gpu"} for n in names}}
     kw = tier_kwargs(model, "cpu", tmp_path)
-    with pytest.raises(BudgetError, match=r"overrides put .* on the device.*more than gpu_memory"):
+    with pytest.raises(BudgetError, match=r"overrides put on the device.*short; place fewer units on the gpu"):
         offload.engine(model, device="cpu", dtype=torch.float32, overrides=everything_on_gpu, **kw)
     all_in_ram = {"units": {n: {"params": "cpu", "states": "cpu"} for n in names}}
     with pytest.raises(BudgetError, match="short of what overrides keep in host memory"):
@@ -115,6 +123,20 @@ def test_overrides_beyond_the_budgets_are_refused_with_numbers(tmp_path):
     with pytest.raises(ConfigError, match="no nvme paths"):
         offload.engine(model, device="cpu", dtype=torch.float32, overrides={"units": {names[1]: {"states": "nvme"}}},
                        **kw)
+
+
+def test_forced_device_units_are_placed_before_the_planners_own(tmp_path):
+    """A unit forced onto the device takes its room first, so a plan that fits is not refused because the
+    planner had already filled the device with params of its own choosing."""
+    model = make_gpt()
+    units = split_units(model)
+    names = [u.name for u in units]
+    budgets = tier_kwargs(model, "cpu", tmp_path)    # the streaming working set and nothing more
+    budgets["gpu_memory"] += 4 * units[-2].numel + planmod.device_state_bytes(units[-2].numel_train)
+    spec = {"units": {names[-2]: {"params": "gpu", "states": "gpu"}}}
+    with offload.engine(model, device="cpu", dtype=torch.float32, overrides=spec, **budgets) as eng:
+        assert homes(eng)[names[-2]] == ("gpu", "gpu")
+        assert eng.plan.bytes["gpu"] <= budgets["gpu_memory"]
 
 
 def test_bad_overrides_name_every_problem():
