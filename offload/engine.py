@@ -240,7 +240,13 @@ class Engine:
         self._poisoned = False
         self._final = True
         self.window = 0
-        self._found_inf = torch.zeros((), dtype=torch.bool, device=self.device)
+        # Note [non-finite check]: the largest gradient magnitude of this step so far (fp32 holds any finite
+        # bf16/fp16 magnitude exactly).
+        # It is inf or nan exactly when some gradient element is (the inf-norm and maximum propagate nan),
+        # so one reduction per unit into a fixed scalar replaces isfinite(), which made four element-wise
+        # passes and four temporaries the size of the gradients, and a steady step allocates nothing here.
+        self._grad_peak = torch.zeros((), dtype=torch.float32, device=self.device)
+        self._unit_peak = {}   # gradient dtype -> its 0-dim scratch
 
     # ---- the training loop ----------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -342,9 +348,11 @@ class Engine:
                     torch._foreach_add_(views, grads)
                 else:
                     torch._foreach_copy_(views, grads)
-                # Non-finite iff the largest magnitude is (vector_norm's inf-norm propagates nan): one reduction,
-                # where isfinite() would make four element-wise passes and buffers the size of the gradients.
-                self._found_inf.logical_or_(~torch.isfinite(torch.linalg.vector_norm(target, float("inf"))))
+                peak = self._unit_peak.get(target.dtype)    # Note [non-finite check]
+                if peak is None:
+                    peak = self._unit_peak[target.dtype] = torch.zeros((), dtype=target.dtype, device=self.device)
+                torch.linalg.vector_norm(target, float("inf"), out=peak)
+                torch.maximum(self._grad_peak, peak, out=self._grad_peak)
         if u.plan.states_home == "gpu":
             return
         if u.plan.update_on == "device":
@@ -383,7 +391,7 @@ class Engine:
         hyper = self.optimizer.hyper()
         prof, upd = self.profiler, self.device_updater
         if self.tiers.cuda:
-            flag = self._found_inf.float()   # this step's flag so far, before the event the update waits on
+            flag = self._found_inf().float()   # this step's flag so far, before the event the update waits on
             ready = torch.cuda.Event()
             ready.record()
             upd.load.wait_event(ready)   # here, not in update(): the traced span starts once the gradients are in
@@ -392,7 +400,7 @@ class Engine:
             if t0 is not None:
                 prof.end_work(t0, KIND_OPTIM, u.index, u.numel_train * 24, upd.load)
         else:
-            flag = self._found_inf.clone()
+            flag = self._found_inf()
             if not bool(flag):
                 upd.update(u, grad, segments, hyper)
         self._device_updated.append((u, flag, steps_before))
@@ -537,12 +545,17 @@ class Engine:
                 prof.name_unit(u.index, u.name, p.params_home, p.states_home)
         self._promoting = []
 
+    def _found_inf(self):
+        """A 0-dim bool tensor on the device: whether a gradient of this step so far was inf or nan (Note
+        [non-finite check])."""
+        return ~torch.isfinite(self._grad_peak)
+
     def _step(self):
         """step() once an accumulation window has closed."""
         self._awaiting_step = False
         self.optimizer.step()      # a marker for LR schedulers
-        found_inf = bool(self._found_inf.item())
-        self._found_inf.zero_()
+        found_inf = bool(self._found_inf().item())
+        self._grad_peak.zero_()
         if self.comm is not None:   # Note [global skip] in shard.py
             found_inf = self.comm.all_sum([float(found_inf)], "the non-finite gradient flag")[0] > 0
         hyper = self.optimizer.hyper()
