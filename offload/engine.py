@@ -378,7 +378,8 @@ class Engine:
         if final:
             st.updated.clear()
         hyper = self.optimizer.hyper()
-        self.worker.submit(lambda: self._land(u, ev, first, final, hyper), priority=u.index)
+        self.worker.submit(lambda: self._land(u, ev, first, final, hyper), priority=u.index,
+                           ready=ev.query if ev is not None else None)   # Note [update order] in optim.py
 
     def _update_on_device(self, u, grad):
         """Queues u's AdamW on the device (eager mode, one micro-batch a window: its gradients are final).

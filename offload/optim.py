@@ -15,8 +15,13 @@ Updated in landing order, the first layer would be updated last and the whole ne
 the whole CPU AdamW. So the worker runs queued updates lowest unit index (forward order) first: during
 backward it takes the most recently landed unit; once backward ends it works up from the first layer
 while the next forward follows it unit by unit, and the CPU stays busy through the forward.
+"Landed" matters: on a GPU the host issues backward far ahead of the device, so a unit is queued long
+before its gradients have crossed the link. Taking the lowest index regardless, the worker blocked on
+that unit's copy while others' gradients sat ready: in a traced H200 step the CPU AdamW idled 186 ms of
+0.75 s that way (2026-12-02, step 3 of bench/trace_overhead.py). So an update queued with a readiness
+test (its gradient copy's event) is taken lowest index first among the ready ones; when none is ready the
+worker waits on the one queued first, whose copy, on the one device->host stream, lands first.
 """
-import heapq
 import math
 import threading
 import warnings
@@ -85,12 +90,13 @@ class Worker:
     syncs) release the GIL.
 
     Order (Note [update order]): a closure submitted with a priority may overtake other prioritised closures
-    queued before it, lowest priority first (ties in submission order); one submitted without a priority is a
-    barrier: it runs after everything submitted before it and before everything submitted after it."""
+    queued before it, lowest priority first (ties in submission order) among those whose ready() says so (no
+    ready: always), else the first submitted; one submitted without a priority is a barrier: it runs after
+    everything submitted before it and before everything submitted after it."""
 
     def __init__(self, name="offload-optim", on_error=None):
         self.on_error = on_error   # called on the worker thread after a failure: must unblock every waiter
-        self.heap = []             # (epoch, priority, seq, fn): epochs are separated by barriers
+        self.queue = []            # (epoch, priority, seq, fn, ready): epochs are separated by barriers
         self.epoch = 0
         self.seq = 0
         self.error = None
@@ -99,11 +105,25 @@ class Worker:
         self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self.thread.start()
 
+    def _pick(self):
+        """The next closure (Note [update order]); called with the lock held and the queue not empty. A
+        barrier is the last of its epoch, so it runs once it is alone there."""
+        epoch = min(e[0] for e in self.queue)
+        now = [e for e in self.queue if e[0] == epoch]
+        waiting = [e for e in now if e[1] != math.inf]
+        if not waiting:
+            pick = now[0]
+        else:
+            ready = [e for e in waiting if e[4] is None or e[4]()]
+            pick = min(ready) if ready else min(waiting, key=lambda e: e[2])
+        self.queue.remove(pick)
+        return pick[3]
+
     def _loop(self):
         while True:
             with self.cv:
-                self.cv.wait_for(lambda: self.heap)
-                fn = heapq.heappop(self.heap)[3]
+                self.cv.wait_for(lambda: self.queue)
+                fn = self._pick()
             if fn is None:
                 return
             try:
@@ -119,20 +139,22 @@ class Worker:
                     self.pending -= 1
                     self.cv.notify_all()
 
-    def submit(self, fn, priority=None):
+    def submit(self, fn, priority=None, ready=None):
+        """ready: with a priority, a non-blocking test of whether fn can run without waiting (a CUDA event's
+        query); None: it can."""
         self.raise_error()
-        self._push(fn, priority)
+        self._push(fn, priority, ready)
 
-    def _push(self, fn, priority):
+    def _push(self, fn, priority, ready=None):
         with self.cv:
             if fn is not None:
                 self.pending += 1
             self.seq += 1
             if priority is None:   # a barrier closes its epoch
-                heapq.heappush(self.heap, (self.epoch, math.inf, self.seq, fn))
+                self.queue.append((self.epoch, math.inf, self.seq, fn, None))
                 self.epoch += 1
             else:
-                heapq.heappush(self.heap, (self.epoch, priority, self.seq, fn))
+                self.queue.append((self.epoch, priority, self.seq, fn, ready))
             self.cv.notify_all()
 
     def sync(self):

@@ -72,3 +72,38 @@ def test_raise_error_unblocks_again_before_raising():
     w.submit(lambda: None, priority=0)     # raised once: the worker runs closures again
     w.sync()
     w.close()
+
+
+def test_a_ready_closure_overtakes_a_lower_priority_one_still_waiting():
+    """Note [update order]: among queued updates the lowest-index one whose gradients have landed runs first;
+    with none landed, the one queued first (whose copy lands first) is waited on."""
+    gate = threading.Event()
+    w = Worker()
+    ran = []
+    landed = {0: False, 1: True, 2: False, 3: True}
+    w.submit(gate.wait)
+    for i in (3, 2, 1, 0):     # queued last layer first, as backward lands them
+        w.submit(lambda i=i: (ran.append(i), landed.__setitem__(i, True)), priority=i, ready=lambda i=i: landed[i])
+    gate.set()
+    w.sync()
+    w.close()
+    # 1 and 3 have landed: 1 first (lowest); then none of 0, 2 is ready: 2 was queued first
+    assert ran == [1, 3, 2, 0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 6), st.booleans()), max_size=20))
+def test_with_readiness_every_closure_runs_once_and_ready_ones_go_by_priority(ops):
+    gate = threading.Event()
+    w = Worker()
+    ran = []
+    w.submit(gate.wait)
+    for i, (p, ok) in enumerate(ops):
+        w.submit(lambda i=i: ran.append(i), priority=p, ready=lambda ok=ok: ok)
+    gate.set()
+    w.sync()
+    w.close()
+    assert sorted(ran) == list(range(len(ops)))
+    first_unready = next((k for k, i in enumerate(ran) if not ops[i][1]), len(ran))
+    ready_part = ran[:first_unready]
+    assert ready_part == sorted((i for i, (p, ok) in enumerate(ops) if ok), key=lambda i: (ops[i][0], i))
