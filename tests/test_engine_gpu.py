@@ -50,6 +50,20 @@ def assert_bf16_close(got, ref, model):
     assert cos > UPDATE_COSINE, f"engine and reference updates disagree in direction: cosine {cos:.3f}"
 
 
+def test_nonfinite_gradients_are_caught_on_the_device(tmp_path, mix):
+    """The step's non-finite check runs on the device (an inf-norm per unit into a running maximum: Note
+    [non-finite check] in engine.py): a step whose loss is inf (gradients inf and nan) must be seen there in
+    every tier mix and skipped whole (clip_grad_norm=inf: the atomic skip), against a reference that skips
+    the same step."""
+    model, batches = make_gpt(), token_batches(4)
+    ref = run_reference(model, batches, hp=GPU_HP, device="cuda", autocast_dtype=BF16, skip=(2,),
+                        clip=float("inf"))
+    got = run_engine(model, batches, mix=mix, tmp_path=tmp_path, hp=GPU_HP, device="cuda", dtype=BF16,
+                     poison=(2,), clip_grad_norm=float("inf"))
+    assert got.stepped == ref.stepped == [True, True, False, True]
+    assert_bf16_close(got, ref, model)
+
+
 def _bf16_pair(model, batches, mix, tmp_path, **kw):
     ref = run_reference(model, batches, hp=GPU_HP, device="cuda", autocast_dtype=BF16)
     got = run_engine(model, batches, mix=mix, tmp_path=tmp_path, hp=GPU_HP, device="cuda", dtype=BF16, **kw)
