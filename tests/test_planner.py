@@ -385,3 +385,17 @@ def test_cli_plan_for_several_ranks_is_one_ranks_share(tmp_path, capsys):
     assert cli.main(["plan", "--model", str(tmp_path / "config.json"), "--gpu-memory", "8MiB", "--cpu-memory",
                      "1GiB", "--device", "cpu", "--ranks", "2"]) == 0
     assert "2 ranks" in capsys.readouterr().out
+
+
+def test_placement_without_device_adamw_is_priced_at_the_given_rates(tiny):
+    """Clipping (or LoRA, or accumulation) leaves AdamW on the CPU; the plan's prediction must still use this
+    machine's rates, not the planner's defaults."""
+    units, _ = tiny
+    streamed = int(planmod.stream_working_set(units, 2) / (1 - planmod.ACTIVATION_SHARE)) + 1024
+    kw = dict(itemsize=2, device="cuda", gpu_budget=streamed, cpu_budget=1 << 30, nvme=None, grad_accum=1,
+              activations="auto", eager=False)
+    slow = planmod.engine_placement(units, rates=dict(PROFILE, pcie_gb_s=1.0, pcie_h2d_gb_s=1.0,
+                                                        pcie_d2h_gb_s=1.0), **kw)
+    fast = planmod.engine_placement(units, rates=dict(PROFILE, pcie_gb_s=100.0, pcie_h2d_gb_s=100.0,
+                                                        pcie_d2h_gb_s=100.0), **kw)
+    assert slow.resource_s["pcie"] > 50 * fast.resource_s["pcie"] > 0
