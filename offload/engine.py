@@ -241,10 +241,9 @@ class Engine:
         self._final = True
         self.window = 0
         # Note [non-finite check]: the largest gradient magnitude of this step so far (fp32 holds any finite
-        # bf16/fp16 magnitude exactly).
-        # It is inf or nan exactly when some gradient element is (the inf-norm and maximum propagate nan),
-        # so one reduction per unit into a fixed scalar replaces isfinite(), which made four element-wise
-        # passes and four temporaries the size of the gradients, and a steady step allocates nothing here.
+        # bf16/fp16 magnitude exactly). It is inf or nan exactly when some gradient element is (the inf-norm
+        # and maximum propagate nan), so one reduction per unit into a fixed scalar replaces isfinite(),
+        # which made four element-wise passes and four temporaries the size of the gradients.
         self._grad_peak = torch.zeros((), dtype=torch.float32, device=self.device)
         self._unit_peak = {}   # gradient dtype -> its 0-dim scratch
 

@@ -40,7 +40,7 @@ KIND_WAIT = _native.trace_kind.WAIT
 # Note [wait causes]: what a wait waited on.
 WAIT_ON = {1: "disk_read", 2: "h2d", 3: "optim"}
 WAIT_DISK, WAIT_H2D, WAIT_OPTIM = (KIND_WAIT | c << 8 for c in WAIT_ON)
-# Note [compute phases]: a compute span's phase travels the same way (compute | phase << 8).
+# A compute span's phase travels the same way (compute | phase << 8; Note [wait causes]).
 COMPUTE_PHASE = {1: "forward", 2: "backward"}
 KIND_FORWARD, KIND_BACKWARD = (_native.trace_kind.COMPUTE | c << 8 for c in COMPUTE_PHASE)
 # Lane titles on a GPU, where these kinds are timed on the device's streams.
