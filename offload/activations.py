@@ -15,7 +15,8 @@
 - a float a in (0, 1): the token-wise split of token_split.py: the first a of the tokens of each saved
   tensor are swapped, the rest recomputed, per-token layers recomputing only the dropped rows.
 - "auto": per block, keep what fits the device budget; the rest is swapped or recomputed, decided from the
-  first step's measured compute, transfer rate and activation size (act_auto.py).
+  first step's measured compute, transfer rate and activation size (act_auto.py); "recompute+offload" where
+  even the recomputed blocks' inputs would not fit (stream.Streamer._policy).
 
 The policy runs through torch.autograd.graph.saved_tensors_hooks entered in the block's forward pre-hook
 and left in its forward hook, so the model's code is untouched and no model gradient-checkpointing flag is

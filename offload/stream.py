@@ -209,7 +209,7 @@ class Streamer:
                 for i, o in zip(idx, outs):
                     flat[i] = o
                 args, kwargs = torch.utils._pytree.tree_unflatten(flat, spec)
-            policy = self._policy(u)
+            policy = self._policy(u, sum(flat[i].numel() * flat[i].element_size() for i in idx))
             call.scope = open_scope(policy, module, args, kwargs, unit=u, device=self.device, d2h=self.tiers.d2h,
                                     h2d=self.tiers.h2d, profiler=self.profiler, param_storages=self._param_storages,
                                     on_recompute=self._recompute_ctx, prev=self.last_scope)
@@ -253,7 +253,9 @@ class Streamer:
         return output
 
     # ---- activation policy ------------------------------------------------------------------------------------
-    def _policy(self, u):
+    def _policy(self, u, in_bytes=0):
+        """The saved-tensor policy of u's call now. in_bytes: the call's gradient-carrying inputs, what
+        "recompute" keeps on the device per block."""
         p = u.plan.activations
         if p != "auto":
             return p
@@ -264,19 +266,25 @@ class Streamer:
         # Keep while the blocks still to come would fit with what has been kept so far, leaving headroom
         # for what runs after the blocks (the head, the loss, backward's own buffers). Once a block is
         # recomputed, the rest are too: keeping the last blocks instead is decided after the first step,
-        # from its measured peak (adjust_after_first_step).
+        # from its measured peak (adjust_after_first_step). Blocks that recompute with their inputs in host
+        # memory stay so.
         remaining = sum(1 for v in self.units if v.kind == "block" and v.index >= u.index)
         budget = self.plan.budgets.get("gpu")
         used = torch.cuda.memory_allocated(self.device) + self.pending_device_bytes
         choice = "keep"
-        if "recompute" in self.act_decided.values():
-            choice = "recompute"
+        decided = set(self.act_decided.values())
+        if decided & {"recompute", "recompute+offload"}:
+            choice = "recompute+offload" if "recompute+offload" in decided else "recompute"
         elif budget is not None and self.act_peak and \
                 used + remaining * self.act_peak + AUTO_HEADROOM * budget > budget:
             choice = "recompute"
-        if self.act_peak or choice == "recompute":
+        if choice == "recompute" and budget is not None and used + remaining * in_bytes > budget:
+            # Even the blocks' inputs alone would not fit (GPT-3 175B at 16 x 1024 tokens on 24 GB): they wait
+            # in host memory. Only then: where they fit, plain recompute has the device to itself.
+            choice = "recompute+offload"
+        if self.act_peak or choice != "keep":
             self.act_decided[u.index] = choice
-        return choice if choice == "recompute" else "auto"
+        return "auto" if choice == "keep" else choice
 
     @property
     def measures_first_step(self):

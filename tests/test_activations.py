@@ -173,6 +173,28 @@ def test_engine_policy_parity(policy, tmp_path):
     assert_runs_match(got, ref, model)
 
 
+def test_auto_puts_block_inputs_in_host_memory_only_when_recompute_would_not_fit(monkeypatch):
+    """The first step's "auto" (stream.Streamer._policy, on a GPU): keep while blocks fit, then recompute;
+    recompute+offload only when the remaining blocks' inputs alone would overflow the device budget, and
+    then for every later block of that step. A stand-in streamer with 10 GiB in use."""
+    from offload.stream import Streamer
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a, **k: 10 << 30)
+
+    def streamer(peak):
+        units = [types.SimpleNamespace(kind="block", index=i, plan=types.SimpleNamespace(activations="auto"))
+                 for i in range(8)]
+        return types.SimpleNamespace(cuda=True, act_decided={}, units=units, pending_device_bytes=0,
+                                     act_peak=peak, device=None, plan=types.SimpleNamespace(budgets={"gpu": 24 << 30}))
+    s = streamer(1 << 30)                     # 10 + 8 x 1 GiB of activations + headroom fits: keep
+    assert Streamer._policy(s, s.units[0], 1 << 30) == "auto" and s.act_decided == {0: "keep"}
+    s = streamer(4 << 30)                     # 8 x 4 GiB does not: recompute, whose 8 x 1 GiB inputs fit
+    assert Streamer._policy(s, s.units[0], 1 << 30) == "recompute"
+    s = streamer(4 << 30)                     # 8 x 2 GiB of inputs would not fit beside the 10 GiB either
+    assert Streamer._policy(s, s.units[0], 2 << 30) == "recompute+offload"
+    assert Streamer._policy(s, s.units[1], 1) == "recompute+offload"
+    assert s.act_decided == {0: "recompute+offload", 1: "recompute+offload"}
+
+
 def test_recompute_offload_holds_no_block_input_on_the_device(tmp_path):
     """Between a block's forward and its backward, "recompute+offload" keeps the block's gradient-carrying
     inputs only as host copies: the scopes' replays hold placeholders, the stashes hold the bytes."""
