@@ -96,18 +96,11 @@ def parse_overrides(spec, unit_names, frozen=()):
         if states == "gpu" and params != "gpu":
             problems.append(f"units[{name!r}]: states on the gpu need the params there too")
         units[name] = (params, states)
-    out = Overrides(
-        units=units,
-        prefetch_depth=_positive_int(spec["prefetch_depth"], "prefetch_depth", problems, 16)
-        if "prefetch_depth" in spec else None,
-        disk_prefetch_depth=_positive_int(spec["disk_prefetch_depth"], "disk_prefetch_depth", problems, 64)
-        if "disk_prefetch_depth" in spec else None,
-        queue_depth=_positive_int(spec["queue_depth"], "queue_depth", problems, 4096)
-        if "queue_depth" in spec else None,
-        activation_share=_share(spec["activation_share"], "activation_share", problems, True)
-        if "activation_share" in spec else None,
-        device_update_share=_share(spec["device_update_share"], "device_update_share", problems, False)
-        if "device_update_share" in spec else None)
+    checks = {"prefetch_depth": (_positive_int, 16), "disk_prefetch_depth": (_positive_int, 64),
+              "queue_depth": (_positive_int, 4096), "activation_share": (_share, True),
+              "device_update_share": (_share, False)}   # key: (check, its bound or whether 0 is refused)
+    out = Overrides(units=units, **{k: check(spec[k], k, problems, arg) for k, (check, arg) in checks.items()
+                                    if k in spec})
     if problems:
         raise ConfigError("overrides: " + "; ".join(problems))
     return out

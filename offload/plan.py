@@ -335,9 +335,10 @@ def engine_placement(units, *, itemsize, device, gpu_budget, cpu_budget, nvme, g
     batch is not known yet); room for device-side AdamW's staging buffers is kept beside it where that applies
     and the budget allows (so states placed on the device cannot crowd it out); then assign_update_sites gives
     each side its share of AdamW (Note [device-side AdamW]). rates: a machine profile, or a callable returning
-    one (called only when device-side AdamW applies: measuring rates on a GPU takes a second). defer=False: the
-    states placed on the device are shown there from the start (a caller that priced the batch's activations
-    into the reserve), not held in host memory for the first step as the engine does. overrides: what the
+    one (called only on CUDA, where device-side AdamW's share and the prediction need it: measuring rates on a
+    GPU takes a second, once a process). defer=False: the states placed on the device are shown there from
+    the start (a caller that priced the batch's activations into the reserve), not held in host memory for
+    the first step as the engine does. overrides: what the
     user fixed (offload/overrides.py); the rest is planned around it."""
     o = overrides
     cuda = str(device).startswith("cuda") and bool(gpu_budget)
