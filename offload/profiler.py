@@ -137,7 +137,7 @@ class Profiler:
     def begin(self, kind, unit=None):
         """The start of a host-clock span, for record()."""
         if _profiling():
-            return _Range(_now(), _range_enter(f"offload::{KINDS[kind & 0xff]}", self._name(unit)))
+            return _Range(_now(), self._open_range(kind, unit))
         return _now()
 
     def record(self, kind, unit, nbytes, t_start):
@@ -151,7 +151,7 @@ class Profiler:
         current stream), else a host time."""
         start = self.timer.begin(stream) if self.timer is not None else _now()
         if _profiling():
-            return _Range(start, _range_enter(f"offload::{KINDS[kind & 0xff]}", self._name(unit)))
+            return _Range(start, self._open_range(kind, unit))
         return start
 
     def end_work(self, token, kind, unit, nbytes=0, stream=None):
@@ -169,7 +169,7 @@ class Profiler:
         if not _profiling():
             yield
             return
-        handle = _range_enter(f"offload::{KINDS[kind & 0xff]}", self._name(unit))
+        handle = self._open_range(kind, unit)
         try:
             yield
         finally:
@@ -219,6 +219,10 @@ class Profiler:
             rows, self.written = self.events[self.written:], len(self.events)
         if rows:
             self.appender.queue.put(rows)
+
+    def _open_range(self, kind, unit):
+        """A torch.profiler range offload::<kind> with the unit's name (Note [profiler ranges])."""
+        return _range_enter(f"offload::{KINDS[kind & 0xff]}", self._name(unit))
 
     def _name(self, unit):
         return "" if unit is None else str(self.names.get(unit, unit))
