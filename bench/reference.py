@@ -153,10 +153,16 @@ def run_offload(a):
         weights = RandomInit()
     else:
         model = build(a, torch.bfloat16 if a.device == "cuda" else torch.float32)
+    activations, overrides = _policy(a.activations), batch_overrides(a, model)
+    if overrides:           # what `offload plan --batch` says a run of this batch needs
+        print(f"batch plan: engine(..., activations={overrides['activations']!r}, "
+              f"overrides={overrides['overrides']})", flush=True)
+        activations = overrides["activations"]
     t = time.perf_counter()
     eng = offload.engine(model, optimizer=offload.AdamW(lr=a.lr, weight_decay=0.0), gpu_memory=f"{a.gpu_cap}GiB",
-                         cpu_memory=a.cpu_memory, nvme=a.nvme, activations=_policy(a.activations),
-                         trace=a.trace, device=a.device, weights=weights)
+                         cpu_memory=a.cpu_memory, nvme=a.nvme, activations=activations,
+                         trace=a.trace, device=a.device, weights=weights,
+                         overrides=overrides and overrides["overrides"])
     setup_s = time.perf_counter() - t
     print(eng.plan, flush=True)
     print(f"setup {setup_s:.1f} s", flush=True)
@@ -171,13 +177,35 @@ def run_offload(a):
     times, losses = timed_steps(a, step, growth)
     eng.sync()
     print(eng.plan, flush=True)   # again: "auto" writes its per-block choice after the first step
-    extra = {"act_plan": [n for n in eng.plan.notes if n.startswith("activations")], "setup_s": round(setup_s, 1),
+    extra = {"batch_overrides": overrides, "act_plan": [n for n in eng.plan.notes if n.startswith("activations")], "setup_s": round(setup_s, 1),
              "steady_state_growth_per_step": growth, "plan_bytes": eng.plan.bytes, "moved": eng.tiers.moved,
              "moved_steps": {k: v - moved_setup.get(k, 0) for k, v in eng.tiers.moved.items()},
              "predicted_step_s": eng.plan.predicted_step_s, "bottleneck_planned": eng.plan.bottleneck,
              "adam_host_elems": state_traffic_bytes(eng.units, eng.plan.units, eng.plan.itemsize)["adam_elems"]}
     eng.close()
     return times, losses, extra
+
+
+def batch_overrides(a, model):
+    """Where this batch's activations need more of the device than the share the engine keeps for them without
+    knowing the batch (plan.plan_for_batch, as `offload plan --batch` prints it): {"activations": the policy
+    that plan picked, "overrides": {"activation_share": its share}}; else None (the engine's own defaults)."""
+    if a.device != "cuda" or a.activations != "auto":
+        return None
+    from offload import plan as planmod
+    from offload.groups import split_units
+    from offload.machine import machine_rates
+    from offload.model_config import model_shape
+    from offload.sizes import parse_size
+    units = split_units(model)
+    budget = int(a.gpu_cap * 2**30)
+    plan, act = planmod.plan_for_batch(
+        units, model_shape(model, units, a.seq), a.mb, rates=machine_rates("cuda", room=budget), itemsize=2,
+        device="cuda", gpu_budget=budget, cpu_budget=parse_size(a.cpu_memory, "cpu_memory") if a.cpu_memory else None,
+        nvme=a.nvme, grad_accum=1, activations="auto")
+    if plan.activation_share is None:
+        return None
+    return {"activations": act.policy, "overrides": {"activation_share": plan.activation_share}}
 
 
 def _policy(text):

@@ -15,7 +15,8 @@ With `shards` ranks (shard.py) each rank plans its own budgets: what a rank hold
 device (params home, master/m/v, host gradients, staging) and its device states are 1/shards of the unit; the
 compute-side flat buffers (resident params, the streaming working set) are whole on every rank.
 """
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 
 from .errors import BudgetError, ConfigError
 from .overrides import NONE as NO_OVERRIDES
@@ -70,6 +71,7 @@ class Plan:
     itemsize: int = 2
     compute_included: bool = False
     act_reserve: int = 0      # device bytes kept for activations (engine_placement)
+    activation_share: float = None   # set where plan_for_batch raised it for the batch (the override to pass)
     queue_depth: int = 32     # the disk store's requests in flight
 
     def predict(self, tokens_per_step, rates, shape, act=None, micro_batches=1):
@@ -312,6 +314,8 @@ def plan_placement(units, *, itemsize, device, gpu_budget, cpu_budget, nvme, gra
 DEVICE_UPDATE_SHARE = None   # None: the planner balances CPU and device-side AdamW (tests force a share)
 ACTIVATION_SHARE = 0.4   # of gpu_memory, on CUDA, kept free for activations and temporaries
 MIN_ACTIVATION_SHARE = 0.1   # ... or less, down to this, when the streaming working set needs the rest
+MAX_ACTIVATION_SHARE = 0.9   # ... or more, up to this, when a batch known ahead needs it (plan_for_batch)
+SHARE_STEP = 0.05
 
 
 def update_staging_bytes(units, device, *, eager, grad_accum, sharded=False, forced_share=None):
@@ -613,9 +617,13 @@ def plan_for_batch(units, shape, batch, rates=None, micro_batches=1, **kw):
     opts = activation_options(shape, batch, kw["itemsize"])
     if not str(kw["device"]).startswith("cuda"):
         return plan, opts[0]
+    fits = _fitting(plan, opts)
+    o = kw.get("overrides", NO_OVERRIDES)
+    if not fits and o.activation_share is None and plan.budgets.get("gpu"):
+        plan = _plan_with_larger_reserve(units, plan, opts, batch, shape, kw) or plan
+        fits = _fitting(plan, opts)
     cpu_budget = plan.budgets.get("cpu")
     host_room = float("inf") if cpu_budget is None else cpu_budget - plan.arena_bytes
-    fits = [a for a in opts if a.device_bytes <= plan.act_reserve and a.host_bytes <= host_room]
     if not fits and opts[-1].device_bytes <= plan.act_reserve:
         raise BudgetError(f"batch {batch} x seq {shape.seq}: with recompute, the block inputs need "
                           f"{fmt_bytes(opts[-2].device_bytes)} of the device, more than the {fmt_bytes(plan.act_reserve)} "
@@ -626,12 +634,45 @@ def plan_for_batch(units, shape, batch, rates=None, micro_batches=1, **kw):
         raise BudgetError(f"batch {batch} x seq {shape.seq}: even with recompute and block inputs in host memory "
                           f"activations need {fmt_bytes(opts[-1].device_bytes)} of the device, more than the "
                           f"{fmt_bytes(plan.act_reserve)} the engine keeps for them ({plan.act_reserve / plan.budgets['gpu']:.0%} of "
-                          f"gpu_memory); lower --batch (raise --grad-accum to keep the tokens per step) or raise "
+                          f"gpu_memory, and no larger share up to {MAX_ACTIVATION_SHARE:.0%} leaves room for the model "
+                          f"state); lower --batch (raise --grad-accum to keep the tokens per step) or raise "
                           f"gpu_memory")
     if rates and rates.get("gpu_tflops"):
         tokens = batch * shape.seq * micro_batches
         return plan, min(fits, key=lambda a: predict_step(plan, shape, tokens, rates, a, micro_batches).step_s)
     return plan, fits[0]
+
+
+def _fitting(plan, opts):
+    """The ActivationPlans that fit plan's activation reserve and the host memory its arena leaves."""
+    cpu_budget = plan.budgets.get("cpu")
+    host_room = float("inf") if cpu_budget is None else cpu_budget - plan.arena_bytes
+    return [a for a in opts if a.device_bytes <= plan.act_reserve and a.host_bytes <= host_room]
+
+
+def _plan_with_larger_reserve(units, plan, opts, batch, shape, kw):
+    """Where the batch's activations do not fit ACTIVATION_SHARE of the device (the engine does not know the
+    batch when it places): the placement with the smallest activation share, in steps of SHARE_STEP, that
+    fits one of opts, less model state on the device in exchange; a note says which engine() override
+    reproduces it. None when no share up to MAX_ACTIVATION_SHARE fits."""
+    gpu = plan.budgets["gpu"]
+    need = min(a.device_bytes for a in opts)
+    share = max(plan.act_reserve / gpu, math.ceil(need / gpu / SHARE_STEP) * SHARE_STEP)
+    o = kw.get("overrides", NO_OVERRIDES)
+    while share <= MAX_ACTIVATION_SHARE + 1e-9:
+        try:
+            bigger = engine_placement(units, defer=False, **dict(kw, overrides=replace(o, activation_share=share)))
+        except BudgetError:
+            return None       # less device room for model state only makes the placement harder
+        if _fitting(bigger, opts):
+            bigger.activation_share = round(share, 2)
+            bigger.notes.append(
+                f"batch {batch} x seq {shape.seq}: activations need more than the {plan.act_reserve / gpu:.0%} of "
+                f"gpu_memory the engine keeps for them by default, so this plan keeps {share:.0%}; a run gets it "
+                f"with engine(..., overrides={{'activation_share': {round(share, 2)}}})")
+            return bigger
+        share += SHARE_STEP
+    return None
 
 
 @dataclass(frozen=True)

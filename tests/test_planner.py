@@ -13,6 +13,7 @@ from offload import plan as planmod
 from offload.groups import split_units
 from offload.model_config import build_meta_model, load_config, model_shape
 from offload.probe import PROFILE_KEYS
+from offload.overrides import Overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 2, "n_positions": 32, "vocab_size": 128,
@@ -151,8 +152,25 @@ def test_batch_is_fitted_into_the_engines_activation_reserve(tiny):
     assert act.policy == "keep"
     assert [(u.params_home, u.states_home) for u in p2.units] == [
         (u.params_home, u.states_target) for u in planmod.engine_placement(units, gpu_budget=budget, rates=slow_gpu, **kw).units]
-    too_small = int(opts[2].device_bytes / planmod.ACTIVATION_SHARE) - 10
+    # a batch the default reserve cannot hold: the plan keeps more of the device for activations (less
+    # model state there), says which override gets it, and the engine's placement with it is the same
+    short = int(opts[2].device_bytes / planmod.ACTIVATION_SHARE) - 10
+    p, act = planmod.plan_for_batch(units, shape, 4, gpu_budget=short, **kw)
+    assert p.activation_share > planmod.ACTIVATION_SHARE and p.act_reserve >= act.device_bytes
+    assert round(p.activation_share / planmod.SHARE_STEP, 6) % 1 == 0
+    assert any(f"overrides={{'activation_share': {p.activation_share}}}" in n for n in p.notes)
+    again = planmod.engine_placement(units, gpu_budget=short, rates=planmod.DEFAULT_RATES, defer=False,
+                                     overrides=Overrides(activation_share=p.activation_share), **kw)
+    assert [(u.params_home, u.states_home) for u in again.units] == [(u.params_home, u.states_home) for u in p.units]
+    # ... the smallest such share: one step less does not fit
+    smaller = planmod.engine_placement(units, gpu_budget=short, rates=planmod.DEFAULT_RATES, defer=False,
+                                       overrides=Overrides(activation_share=p.activation_share - planmod.SHARE_STEP), **kw)
+    assert smaller.act_reserve < min(a.device_bytes for a in opts)
+    # an override of the share is the user's: nothing is raised over it
     with pytest.raises(planmod.BudgetError, match="keeps for them"):
+        planmod.plan_for_batch(units, shape, 4, gpu_budget=short, overrides=Overrides(activation_share=0.4), **kw)
+    too_small = int(opts[2].device_bytes / planmod.MAX_ACTIVATION_SHARE) - 10
+    with pytest.raises(planmod.BudgetError, match="no larger share up to 90%"):
         planmod.plan_for_batch(units, shape, 4, gpu_budget=too_small, **kw)
     # between recompute's reserve and recompute+offload's: the block inputs go to host memory, which the CPU
     # budget must hold beside the arena
