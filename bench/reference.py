@@ -192,6 +192,7 @@ def batch_overrides(a, model):
     that plan picked, "overrides": {"activation_share": its share}}; else None (the engine's own defaults)."""
     if a.device != "cuda" or a.activations != "auto":
         return None
+    import torch
     from offload import plan as planmod
     from offload.groups import split_units
     from offload.machine import machine_rates
@@ -200,7 +201,7 @@ def batch_overrides(a, model):
     units = split_units(model)
     budget = int(a.gpu_cap * 2**30)
     plan, act = planmod.plan_for_batch(
-        units, model_shape(model, units, a.seq), a.mb, rates=machine_rates("cuda", room=budget), itemsize=2,
+        units, model_shape(model, units, a.seq), a.mb, rates=machine_rates(torch.device("cuda", torch.cuda.current_device()), room=budget), itemsize=2,
         device="cuda", gpu_budget=budget, cpu_budget=parse_size(a.cpu_memory, "cpu_memory") if a.cpu_memory else None,
         nvme=a.nvme, grad_accum=1, activations="auto")
     if plan.activation_share is None:
