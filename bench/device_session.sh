@@ -12,7 +12,7 @@
 #   scale        the largest LLaMA-shaped model that trains under 24 GiB (bench/scale.py)           ~6 min
 #   plan         predicted beside measured step time, three configurations (plan_check.py)       ~4 min
 #                (PLAN_CONFIGS=reference-nvme picks some)
-#   nvme         the NVMe regime, offload and DeepSpeed (NVME_SYSTEMS, NVME_MBS pick)            ~9 min
+#   nvme         the NVMe regime, offload and DeepSpeed (NVME_SYSTEMS, NVME_MBS, NVME_ACCUM pick) ~9 min
 #   w:ARGS       reference.py's offload worker alone, 3 steps after 2 warm-up, its whole log kept;
 #                ARGS are its extra flags with commas for spaces (w:--activations,recompute); a run
 #                about to hit WORKER_S prints every thread's stack first                          ~1.5 min
@@ -67,7 +67,7 @@ for p in ${PARTS:-tests trace act}; do
     plan) part plan-check "${PLAN_S:-420}" python3 bench/plan_check.py --time-budget $(( ${PLAN_S:-420} - 20 )) \
              ${PLAN_CONFIGS:+--configs $PLAN_CONFIGS} ;;
     nvme) deepspeed_env; part nvme-regime "${NVME_S:-560}" python3 bench/nvme_regime.py \
-             --systems "${NVME_SYSTEMS:-offload,deepspeed}" --mbs "${NVME_MBS:-4}" \
+             --systems "${NVME_SYSTEMS:-offload,deepspeed}" --mbs "${NVME_MBS:-4}" --grad-accum "${NVME_ACCUM:-1}" \
              --time-budget $(( ${NVME_S:-560} - 20 )) ;;
     w:*) args=${p#w:}; part "worker${args//[^a-z0-9]/-}" "${WORKER_S:-200}" \
              env OFFLOAD_STACKS_AFTER=$(( ${WORKER_S:-200} - 15 )) python3 bench/reference.py \

@@ -17,7 +17,13 @@ GB/s write); DeepSpeed measured 47.69 s/step here. Setup writes the initial stat
 
   python bench/nvme_regime.py --systems offload --mbs 4,16                 # ~6 min
   python bench/nvme_regime.py --systems deepspeed --mbs 4 --timeout 500    # ~5-8 min (its setup is slow)
+  python bench/nvme_regime.py --systems offload --mbs 4 --grad-accum 4     # 16 sequences a step, 4 at a time
   python bench/nvme_regime.py --preset tiny --device cpu                   # small mode (CI), seconds
+
+Micro-batch 16 itself does not fit a 24 GiB cap: its fp32 logits (16 x 2048 x 32000) are 3.9 GiB, and the
+loss's backward holds three or four such tensors at once beside the recompute's block inputs, so the plan
+for that batch (`offload plan --batch 16`) runs out of device memory in the loss's backward; --grad-accum 4
+trains the same 16 sequences per optimizer step as four micro-batches of 4.
 """
 import argparse
 import json
@@ -43,6 +49,7 @@ def main(argv=None):
     p.add_argument("--mbs", default="4,16", help="micro-batch sizes, comma separated")
     p.add_argument("--nvme", default="/tmp/offload-nvme", help="a directory on the local disk")
     p.add_argument("--cpu-memory", default=None, help="offload's CPU budget (default 16GiB; tiny: 1800KiB)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (offload only)")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--timeout", type=int, default=400, help="seconds per (system, micro-batch) run at most")
@@ -64,7 +71,8 @@ def main(argv=None):
     rows = []
     for mb in (int(x) for x in a.mbs.split(",")):
         for system in a.systems.split(","):
-            bench = a.bench or f"nvme-regime-{'3.37b' if a.preset == 'reference' else a.preset}-mb{mb}"
+            bench = a.bench or f"nvme-regime-{'3.37b' if a.preset == 'reference' else a.preset}-mb{mb}" + (
+                f"x{a.grad_accum}" if a.grad_accum > 1 else "")
             left = a.time_budget - (time.perf_counter() - t0) - 10
             if left < 30:
                 print(f"== {system} mb {mb}: skipped, {left:.0f} s of the time budget left", flush=True)
@@ -78,7 +86,7 @@ def main(argv=None):
                             "--warmup", str(a.warmup), "--nvme", path, "--timeout", str(int(min(a.timeout, left))),
                             "--rates", json.dumps(rates)]
             if system == "offload":
-                argv += ["--cpu-memory", cpu_mem, "--weights", "random"]
+                argv += ["--cpu-memory", cpu_mem, "--weights", "random", "--grad-accum", str(a.grad_accum)]
             print(f"== {system} mb {mb}: timeout {min(a.timeout, left):.0f} s", flush=True)
             try:
                 rows += [r for r in reference.main(argv) if "status" not in r]

@@ -43,8 +43,13 @@ def n_params(a):
     return L * (4 * h * h + 3 * h * i + 2 * h) + 2 * v * h + h
 
 
+def step_tokens(a):
+    """Tokens of one optimizer step: micro-batch x sequence x micro-batches accumulated."""
+    return a.mb * a.seq * getattr(a, "grad_accum", 1)
+
+
 def model_flops(a):
-    tokens = a.mb * a.seq
+    tokens = step_tokens(a)
     return 6 * n_params(a) * tokens + 12 * a.layers * a.hidden * a.seq * tokens
 
 
@@ -86,7 +91,8 @@ def peak_rss_gib():
 def batches(a, device):
     import torch
     g = torch.Generator().manual_seed(1)
-    return [torch.randint(0, a.vocab, (a.mb, a.seq), generator=g).to(device) for _ in range(4)]
+    rows = a.mb * getattr(a, "grad_accum", 1)     # a step's micro-batches, stacked
+    return [torch.randint(0, a.vocab, (rows, a.seq), generator=g).to(device) for _ in range(4)]
 
 
 def cap_gpu(a):
@@ -161,16 +167,17 @@ def run_offload(a):
     t = time.perf_counter()
     eng = offload.engine(model, optimizer=offload.AdamW(lr=a.lr, weight_decay=0.0), gpu_memory=f"{a.gpu_cap}GiB",
                          cpu_memory=a.cpu_memory, nvme=a.nvme, activations=activations,
-                         trace=a.trace, device=a.device, weights=weights,
+                         trace=a.trace, device=a.device, weights=weights, grad_accum=a.grad_accum,
                          overrides=overrides and overrides["overrides"])
     setup_s = time.perf_counter() - t
     print(eng.plan, flush=True)
     print(f"setup {setup_s:.1f} s", flush=True)
     moved_setup = dict(eng.tiers.moved)
 
-    def step(x):
-        out = eng(input_ids=x, labels=x)
-        eng.backward(out.loss)
+    def step(x):     # grad_accum micro-batches of x's rows, then one optimizer step
+        for xs in x.chunk(a.grad_accum):
+            out = eng(input_ids=xs, labels=xs)
+            eng.backward(out.loss)
         eng.step()
         return out.loss.detach()
     growth = {}
@@ -201,9 +208,9 @@ def batch_overrides(a, model):
     units = split_units(model)
     budget = int(a.gpu_cap * 2**30)
     plan, act = planmod.plan_for_batch(
-        units, model_shape(model, units, a.seq), a.mb, rates=machine_rates(torch.device("cuda", torch.cuda.current_device()), room=budget), itemsize=2,
+        units, model_shape(model, units, a.seq), a.mb, micro_batches=a.grad_accum, rates=machine_rates(torch.device("cuda", torch.cuda.current_device()), room=budget), itemsize=2,
         device="cuda", gpu_budget=budget, cpu_budget=parse_size(a.cpu_memory, "cpu_memory") if a.cpu_memory else None,
-        nvme=a.nvme, grad_accum=1, activations="auto")
+        nvme=a.nvme, grad_accum=a.grad_accum, activations="auto")
     if plan.activation_share is None:
         return None
     return {"activations": act.policy, "overrides": {"activation_share": plan.activation_share}}
@@ -340,7 +347,7 @@ def floors(a, rates, moved=None, adam_elems=None, system="offload"):
     it (pcie_s too high by that copy over steps_total)."""
     from offload.plan import ADAM_HOST_BYTES
     P = n_params(a)
-    tokens = a.mb * a.seq
+    tokens = step_tokens(a)
     flops_recompute = 8 * P * tokens + 16 * a.layers * a.hidden * a.seq * tokens
     f = {}
     if rates.get("gemm_tflops"):
@@ -408,6 +415,7 @@ def main(argv=None, extra=None, save=True):
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--mb", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (offload only)")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--gpu-cap", type=float, default=24)
     p.add_argument("--cpu-memory", default=None)
@@ -428,6 +436,8 @@ def main(argv=None, extra=None, save=True):
     p.add_argument("--same-batch", action="store_true", help="train on one batch every step (the loss must fall)")
     p.add_argument("--stream", action="store_true", help="echo the workers' output as it comes")
     a = p.parse_args(argv)
+    if a.grad_accum < 1 or a.grad_accum > 1 and set(a.systems.split(",") if not a.worker else [a.worker]) - {"offload"}:
+        p.error("--grad-accum: a positive count, with --systems offload only")
     if a.worker:
         return worker(a)
     from record import record, run_id
@@ -464,7 +474,7 @@ def main(argv=None, extra=None, save=True):
             continue
         a.steps_total = a.steps + a.warmup
         step_s = statistics.median(res["times"])
-        tokens = a.mb * a.seq
+        tokens = step_tokens(a)
         fl = floors(a, rates, res.get("moved_steps") or res.get("moved"), res.get("adam_host_elems"), system)
         largest = max(fl, key=fl.get)
         row = {"bench": a.bench, "system": {"deepspeed": "deepspeed-zero3-cpu-" + ("nvme" if a.nvme else "cpu"),
@@ -479,6 +489,8 @@ def main(argv=None, extra=None, save=True):
                "gpu_cap_gib": a.gpu_cap if system != "pytorch" else None, "cpu_memory": a.cpu_memory,
                "activations": a.activations if system == "offload" else None}
         row.update(mb=a.mb, seq=a.seq, nvme=a.nvme)
+        if a.grad_accum > 1:
+            row["grad_accum"] = a.grad_accum
         if system == "offload" and a.device_update_share is not None:
             row["device_update_share"] = a.device_update_share
         for k in ("setup_s", "plan_bytes", "moved", "moved_steps", "predicted_step_s", "act_plan",
