@@ -159,14 +159,14 @@ def run_offload(a):
         weights = RandomInit()
     else:
         model = build(a, torch.bfloat16 if a.device == "cuda" else torch.float32)
-    activations, overrides = _policy(a.activations), batch_overrides(a, model)
+    activations, overrides, cpu_memory = _policy(a.activations), batch_overrides(a, model), a.cpu_memory
     if overrides:           # what `offload plan --batch` says a run of this batch needs
-        print(f"batch plan: engine(..., activations={overrides['activations']!r}, "
-              f"overrides={overrides['overrides']})", flush=True)
-        activations = overrides["activations"]
+        print(f"batch plan: engine(..., activations={overrides['activations']!r}, cpu_memory="
+              f"{overrides['cpu_memory']}, overrides={overrides['overrides']})", flush=True)
+        activations, cpu_memory = overrides["activations"], overrides["cpu_memory"]
     t = time.perf_counter()
     eng = offload.engine(model, optimizer=offload.AdamW(lr=a.lr, weight_decay=0.0), gpu_memory=f"{a.gpu_cap}GiB",
-                         cpu_memory=a.cpu_memory, nvme=a.nvme, activations=activations,
+                         cpu_memory=cpu_memory, nvme=a.nvme, activations=activations,
                          trace=a.trace, device=a.device, weights=weights, grad_accum=a.grad_accum,
                          overrides=overrides and overrides["overrides"])
     setup_s = time.perf_counter() - t
@@ -195,8 +195,9 @@ def run_offload(a):
 
 def batch_overrides(a, model):
     """Where this batch's activations need more of the device than the share the engine keeps for them without
-    knowing the batch (plan.plan_for_batch, as `offload plan --batch` prints it): {"activations": the policy
-    that plan picked, "overrides": {"activation_share": its share}}; else None (the engine's own defaults)."""
+    knowing the batch, or host room for block inputs (plan.plan_for_batch, as `offload plan --batch` prints
+    it): {"activations": the policy that plan picked, "cpu_memory": what the placement may use, "overrides":
+    {"activation_share": its share} or None}; else None (the engine's own defaults)."""
     if a.device != "cuda" or a.activations != "auto":
         return None
     import torch
@@ -211,9 +212,10 @@ def batch_overrides(a, model):
         units, model_shape(model, units, a.seq), a.mb, micro_batches=a.grad_accum, rates=machine_rates(torch.device("cuda", torch.cuda.current_device()), room=budget), itemsize=2,
         device="cuda", gpu_budget=budget, cpu_budget=parse_size(a.cpu_memory, "cpu_memory") if a.cpu_memory else None,
         nvme=a.nvme, grad_accum=a.grad_accum, activations="auto")
-    if plan.activation_share is None:
+    if plan.activation_share is None and not plan.host_stash_reserve:
         return None
-    return {"activations": act.policy, "overrides": {"activation_share": plan.activation_share}}
+    return {"activations": act.policy, "cpu_memory": plan.budgets["cpu"] - plan.host_stash_reserve,
+            "overrides": {"activation_share": plan.activation_share} if plan.activation_share else None}
 
 
 def _policy(text):

@@ -72,6 +72,7 @@ class Plan:
     compute_included: bool = False
     act_reserve: int = 0      # device bytes kept for activations (engine_placement)
     activation_share: float = None   # set where plan_for_batch raised it for the batch (the override to pass)
+    host_stash_reserve: int = 0      # cpu_memory plan_for_batch left out of the placement for block inputs
     queue_depth: int = 32     # the disk store's requests in flight
 
     def predict(self, tokens_per_step, rates, shape, act=None, micro_batches=1):
@@ -577,7 +578,10 @@ COMPUTE_EFFICIENCY = 0.51
 ADAM_HOST_BYTES = 28   # host memory bytes the native AdamW touches per element (Note [step-time model])
 LAYER_ACT_BYTES = 34   # bytes per token per hidden unit a block saves for backward in 16-bit (Korthikanti
                        # et al. 2022, eq. 1, without the 5as/h term: SDPA/flash attention keeps no scores)
-LOGIT_EXTRA_BYTES = 8  # per logit beside the compute-dtype copy: cross-entropy's fp32 upcast and its gradient
+LOGIT_EXTRA_BYTES = 12  # per logit beside the compute-dtype copy, at the loss's backward peak: the fp32
+                        # log-softmax saved for backward, its fp32 gradient and the fp32 gradient of its input.
+                        # Measured: Hugging Face LLaMA at 16 x 2048 x 32000 ran out of a 24 GiB cap in the loss's
+                        # backward asking for a fourth 3.9 GiB fp32 tensor, with 13.3 B per logit already held
 
 
 @dataclass(frozen=True)
@@ -618,9 +622,8 @@ def plan_for_batch(units, shape, batch, rates=None, micro_batches=1, **kw):
     if not str(kw["device"]).startswith("cuda"):
         return plan, opts[0]
     fits = _fitting(plan, opts)
-    o = kw.get("overrides", NO_OVERRIDES)
-    if not fits and o.activation_share is None and plan.budgets.get("gpu"):
-        plan = _plan_with_larger_reserve(units, plan, opts, batch, shape, kw) or plan
+    if not fits and plan.budgets.get("gpu"):
+        plan = _refit(units, plan, opts, batch, shape, kw) or plan
         fits = _fitting(plan, opts)
     cpu_budget = plan.budgets.get("cpu")
     host_room = float("inf") if cpu_budget is None else cpu_budget - plan.arena_bytes
@@ -650,28 +653,50 @@ def _fitting(plan, opts):
     return [a for a in opts if a.device_bytes <= plan.act_reserve and a.host_bytes <= host_room]
 
 
-def _plan_with_larger_reserve(units, plan, opts, batch, shape, kw):
-    """Where the batch's activations do not fit ACTIVATION_SHARE of the device (the engine does not know the
-    batch when it places): the placement with the smallest activation share, in steps of SHARE_STEP, that
-    fits one of opts, less model state on the device in exchange; a note says which engine() override
-    reproduces it. None when no share up to MAX_ACTIVATION_SHARE fits."""
-    gpu = plan.budgets["gpu"]
-    need = min(a.device_bytes for a in opts)
-    share = max(plan.act_reserve / gpu, math.ceil(need / gpu / SHARE_STEP) * SHARE_STEP)
+def _refit(units, plan, opts, batch, shape, kw):
+    """Where none of the batch's ActivationPlans fits the engine's default placement (which is made without
+    knowing the batch): the placement with the smallest activation share, in steps of SHARE_STEP up to
+    MAX_ACTIVATION_SHARE, that fits one of opts, less model state on the device in exchange; and where only
+    "recompute+offload" could fit but its block inputs find no room in host memory beside the arena, the
+    same with that much of cpu_memory left out of the placement (more states on the disk). Notes say which
+    engine() arguments reproduce it. None when nothing fits. A share the user fixed is not raised."""
+    gpu, cpu = plan.budgets["gpu"], plan.budgets.get("cpu")
     o = kw.get("overrides", NO_OVERRIDES)
-    while share <= MAX_ACTIVATION_SHARE + 1e-9:
-        try:
-            bigger = engine_placement(units, defer=False, **dict(kw, overrides=replace(o, activation_share=share)))
-        except BudgetError:
-            return None       # less device room for model state only makes the placement harder
-        if _fitting(bigger, opts):
-            bigger.activation_share = round(share, 2)
-            bigger.notes.append(
-                f"batch {batch} x seq {shape.seq}: activations need more than the {plan.act_reserve / gpu:.0%} of "
-                f"gpu_memory the engine keeps for them by default, so this plan keeps {share:.0%}; a run gets it "
-                f"with engine(..., overrides={{'activation_share': {round(share, 2)}}})")
-            return bigger
-        share += SHARE_STEP
+    base = plan.act_reserve / gpu
+    shares = [None]             # the engine's own reserve
+    if o.activation_share is None:
+        first = max(base, math.ceil(min(a.device_bytes for a in opts) / gpu / SHARE_STEP - 1e-9) * SHARE_STEP)
+        shares += [round(first + i * SHARE_STEP, 2) for i in range(int((MAX_ACTIVATION_SHARE - first) / SHARE_STEP + 1e-9) + 1)]
+    stash = opts[-1].host_bytes if cpu is not None else 0
+    for share in shares:
+        for spill in (0, stash) if stash else (0,):
+            if share is None and not spill:
+                continue        # the plan at hand
+            try:
+                cand = engine_placement(units, defer=False, **dict(
+                    kw, cpu_budget=cpu - spill if spill else cpu,
+                    overrides=o if share is None else replace(o, activation_share=share)))
+            except BudgetError:
+                continue
+            if spill:
+                cand.budgets["cpu"] = cpu      # the block inputs take the rest: _fitting checks them against it
+            if not _fitting(cand, opts):
+                continue
+            args = []
+            if share is not None:
+                cand.activation_share = share
+                args.append(f"overrides={{'activation_share': {share}}}")
+                cand.notes.append(f"batch {batch} x seq {shape.seq}: activations need more than the {base:.0%} of "
+                                  f"gpu_memory the engine keeps for them without knowing the batch, so this plan "
+                                  f"keeps {share:.0%}")
+            if spill:
+                cand.host_stash_reserve = spill
+                args.append(f"cpu_memory={cpu - spill}")
+                cand.notes.append(f"batch {batch} x seq {shape.seq}: the block inputs wait in host memory "
+                                  f"({fmt_bytes(spill)}), so the states are placed in {fmt_bytes(cpu - spill)} of "
+                                  f"cpu_memory and the rest go to the disk")
+            cand.notes.append("a run gets this plan with engine(..., " + ", ".join(args) + ")")
+            return cand
     return None
 
 

@@ -136,7 +136,7 @@ def test_batch_is_fitted_into_the_engines_activation_reserve(tiny):
     opts = planmod.activation_options(shape, 4, 2)
     assert [a.policy for a in opts] == ["keep", "recompute", "recompute+offload"]
     tok = 4 * 32
-    assert opts[0].device_bytes == 2 * 34 * tok * 64 + tok * 128 * 10
+    assert opts[0].device_bytes == 2 * 34 * tok * 64 + tok * 128 * (2 + planmod.LOGIT_EXTRA_BYTES)
     kw = dict(itemsize=2, device="cuda", cpu_budget=1 << 30, nvme=None, grad_accum=1, activations="auto",
               eager=False)    # clipping: no device-side AdamW, so the reserve is ACTIVATION_SHARE exactly
     # the engine keeps 40% of gpu_memory for activations: keep fits a budget of 2.5x its reserve, not less
@@ -185,6 +185,32 @@ def test_batch_is_fitted_into_the_engines_activation_reserve(tiny):
     tight_host = dict(kw, cpu_budget=p.arena_bytes + act.host_bytes - 1)
     with pytest.raises(planmod.BudgetError, match="block inputs need .* in host memory"):
         planmod.plan_for_batch(units, deep, 4, gpu_budget=offload_only, **tight_host)
+
+
+def test_block_inputs_get_host_room_from_states_moved_to_the_disk(tmp_path):
+    """Where only recompute with block inputs in host memory fits the device and the arena leaves those
+    inputs too little host memory, a plan with a disk places the states in cpu_memory less the inputs (the
+    rest on the disk); its note names the cpu_memory that makes the engine place the same way."""
+    import dataclasses
+    model = build_meta_model(load_config(_write_config(dict(TINY, n_embd=256, n_layer=8, n_head=4))))
+    units = split_units(model)
+    deep = dataclasses.replace(model_shape(model, units, seq=32), layers=200)   # inputs outweigh one block
+    opts = planmod.activation_options(deep, 64, 2)
+    gpu = int(opts[2].device_bytes / planmod.ACTIVATION_SHARE) + 10
+    kw = dict(itemsize=2, device="cuda", nvme=None, grad_accum=1, activations="auto", eager=False)
+    full = planmod.engine_placement(units, gpu_budget=gpu, cpu_budget=1 << 30, rates=planmod.DEFAULT_RATES,
+                                    defer=False, **kw)
+    cpu = full.arena_bytes + opts[2].host_bytes - 1          # the whole model's states leave 1 B too little
+    with pytest.raises(planmod.BudgetError, match="in host memory"):
+        planmod.plan_for_batch(units, deep, 64, gpu_budget=gpu, cpu_budget=cpu, **kw)
+    kw["nvme"] = [str(tmp_path)]
+    p, act = planmod.plan_for_batch(units, deep, 64, gpu_budget=gpu, cpu_budget=cpu, **kw)
+    assert act.policy == "recompute+offload" and p.host_stash_reserve == act.host_bytes
+    assert p.budgets["cpu"] == cpu and p.arena_bytes + act.host_bytes <= cpu and p.bytes["nvme"] > 0
+    assert any(f"cpu_memory={cpu - act.host_bytes}" in n for n in p.notes)
+    same = planmod.engine_placement(units, gpu_budget=gpu, cpu_budget=cpu - act.host_bytes,
+                                    rates=planmod.DEFAULT_RATES, defer=False, **kw)
+    assert [(u.params_home, u.states_home) for u in same.units] == [(u.params_home, u.states_home) for u in p.units]
 
 
 def test_engine_placement_reserves_activations_then_staging_then_assigns_update_sites(tiny):
