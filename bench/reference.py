@@ -342,7 +342,9 @@ def floors(a, rates, moved=None, adam_elems=None, system="offload"):
     link carried over steps_total steps; adam_elems, elements the CPU AdamW updated a step) the floors are
     of that work: pcie_s the bytes each way over that way's rate, cpu_adam_s those elements at the native
     AdamW's rate, host_mem_s the host memory they touch (ADAM_HOST_BYTES an element, plus every byte DMA
-    moves) at the copy bandwidth. Otherwise the work of ZeRO-3 CPU offload: params in for forward and
+    moves) at the host memory bandwidth: the larger of a torch copy's and the one the native AdamW reaches
+    (its rate x ADAM_HOST_BYTES; on the H200 machine the copy measures ~80 GB/s, AdamW ~140, so the copy's
+    would make a floor the run beats). Otherwise the work of ZeRO-3 CPU offload: params in for forward and
     backward and gradients out (2 bytes each), AdamW of every parameter on the CPU. GPU-resident PyTorch has
     the GPU floor only. Not in `moved`, so not in these floors: activation swaps (runs that swap have
     floors too low by those bytes), while the one-off copy of states promoted after the first step is in
@@ -366,7 +368,8 @@ def floors(a, rates, moved=None, adam_elems=None, system="offload"):
             f["pcie_s"] = 3 * 2 * P / (min(rates["h2d_gb_s"], rates["d2h_gb_s"]) * 1e9)
     if as_run and rates.get("mem_bw_gb_s"):
         dma = (moved["h2d"] + moved["d2h"]) / steps
-        f["host_mem_s"] = (adam_elems * ADAM_HOST_BYTES + dma) / (rates["mem_bw_gb_s"] * 1e9)
+        host_bw = max(rates["mem_bw_gb_s"], rates["cpu_adam_gparams_s"] * ADAM_HOST_BYTES)
+        f["host_mem_s"] = (adam_elems * ADAM_HOST_BYTES + dma) / (host_bw * 1e9)
     if moved and (moved.get("disk_read") or moved.get("disk_write")) and rates.get("disk_gb_s"):
         # moved: bytes over the warm-up and timed steps (the worker's moved_steps, setup excluded)
         from offload.plan import disk_seconds   # the planner's formula: floor and prediction agree on it
