@@ -14,13 +14,31 @@ from . import _native
 _scratch = threading.local()   # per thread: the worker's host updates and the caller's run side by side
 
 
-def _denominator_buffer(n):
-    """An fp32 buffer of n elements for reference_adamw_'s denominator, kept per thread so that a steady
-    step allocates nothing (it grows to the largest unit updated there, the size the temporary had)."""
-    buf = getattr(_scratch, "buf", None)
+def _buffer(name, n):
+    """An fp32 buffer of n elements kept per thread under name (reference_adamw_'s denominator, its scaled
+    gradient), so that a steady step allocates nothing: it grows to the largest unit updated there, the size
+    the temporary had."""
+    buf = getattr(_scratch, name, None)
     if buf is None or buf.numel() < n:
-        buf = _scratch.buf = torch.empty(n, dtype=torch.float32)
+        buf = torch.empty(n, dtype=torch.float32)
+        setattr(_scratch, name, buf)
     return buf[:n]
+
+
+SCALAR_SLOTS = 5
+
+
+def host_scalar(slot, value):
+    """value in a 0-dim float64 CPU tensor, one of SCALAR_SLOTS kept per thread, for an op that would take a
+    Python number. Given a number, ops such as mul_/div_/add_ wrap it in a new 0-dim tensor on every call (a
+    host allocation per op, per unit, per step). A 0-dim CPU tensor enters the op the same way (a CPU scalar,
+    cast to the op's dtype before the arithmetic; on CUDA read when the kernel is launched), so the result
+    is bitwise the same, and filling it allocates nothing. A slot is free again once the op has been issued."""
+    s = getattr(_scratch, "scalars", None)
+    if s is None:
+        s = _scratch.scalars = [torch.zeros((), dtype=torch.float64) for _ in range(SCALAR_SLOTS)]
+    return s[slot].fill_(value)
+
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -99,17 +117,18 @@ def reference_adamw_(master, grad, exp_avg, exp_avg_sq, *, lr, betas, eps, weigh
     (rare embedding rows). Elementwise ops give the same bits on a flat buffer as per tensor.
     """
     beta1, beta2 = betas
-    g = grad if grad_scale == 1.0 else grad * grad_scale
-    if g.dtype != torch.float32:
-        g = g.float()
-    master.mul_(1 - lr * weight_decay)
-    exp_avg.lerp_(g, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    g = grad if grad.dtype == torch.float32 else grad.float()
+    if grad_scale != 1.0:
+        g = torch.mul(g, host_scalar(0, grad_scale), out=_buffer("scaled", g.numel()))
     bias_correction1 = 1 - beta1 ** step
     bias_correction2 = 1 - beta2 ** step
     step_size = lr / bias_correction1
-    denom = torch.sqrt(exp_avg_sq, out=_denominator_buffer(exp_avg_sq.numel()))   # torch's ops, in its order
-    denom.div_(bias_correction2 ** 0.5).add_(eps)
+    # torch's ops, in its order; the Scalar overloads (lerp_, addcmul_, addcdiv_) allocate nothing
+    master.mul_(host_scalar(1, 1 - lr * weight_decay))
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.mul_(host_scalar(2, beta2)).addcmul_(g, g, value=1 - beta2)
+    denom = torch.sqrt(exp_avg_sq, out=_buffer("denom", exp_avg_sq.numel()))
+    denom.div_(host_scalar(3, bias_correction2 ** 0.5)).add_(host_scalar(4, eps))
     master.addcdiv_(exp_avg, denom, value=-step_size)
     if out is not None:
         out.copy_(master)

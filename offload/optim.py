@@ -28,7 +28,7 @@ import warnings
 
 import torch
 
-from .adam import unit_adamw_
+from .adam import host_scalar, unit_adamw_
 from .device_update import fill_step
 from .errors import ConfigError
 from .store import as_buffer
@@ -291,7 +291,7 @@ class UnitOptimizer:
         lr, betas, eps, wd = hyper
         g = st.dgrad
         if scale != 1.0:
-            g.mul_(scale)
+            g.mul_(host_scalar(0, scale))
         for off, n, step in self._segments(u):
             sl = slice(off, off + n)
             if st.master.device.type == "cpu":

@@ -254,3 +254,36 @@ def test_forcing_an_unsupported_simd_level_raises(level):
         pytest.skip(f"this CPU supports {level}: nothing to refuse")
     with pytest.raises(ValueError, match="not supported by this CPU"):
         adamw_(**_valid(), **HYPER, simd=level)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.sampled_from([1, 17, 1000]), lr=st.sampled_from([1e-3, 0.1, 3e-5]), beta2=st.sampled_from([0.999, 0.95]),
+       eps=st.sampled_from([1e-8, 1e-3]), wd=st.sampled_from([0.0, 0.01, 0.3]), seed=st.integers(0, 2**16))
+def test_reference_adamw_is_torch_adamw_bitwise(n, lr, beta2, eps, wd, seed):
+    """The fp32 path (reference_adamw_, what fp32 runs use) equals torch.optim.AdamW(foreach=False) in every
+    bit, with its numbers held in reused 0-dim tensors rather than passed as Python floats."""
+    from offload.adam import reference_adamw_
+    ref = torch.randn(n, generator=torch.Generator().manual_seed(seed)).requires_grad_(True)
+    opt = torch.optim.AdamW([ref], lr=lr, betas=(0.9, beta2), eps=eps, weight_decay=wd, foreach=False)
+    master, m, v = ref.detach().clone(), torch.zeros(n), torch.zeros(n)
+    for i, g in enumerate(_grads(n, 6, torch.float32, seed)):
+        ref.grad = g
+        opt.step()
+        reference_adamw_(master, g, m, v, lr=lr, betas=(0.9, beta2), eps=eps, weight_decay=wd, step=i + 1)
+        assert torch.equal(master, ref.detach()) and torch.equal(m, opt.state[ref]["exp_avg"])
+        assert torch.equal(v, opt.state[ref]["exp_avg_sq"])
+
+
+def test_reference_adamw_allocates_nothing_in_the_steady_state():
+    """After its first call on a thread (scratch buffers), an update allocates no host memory: no wrapped
+    Python numbers, no temporaries (torch.profiler's memory events)."""
+    from offload.adam import reference_adamw_
+    master, m, v = _state(4096, 0)
+    g = _grads(4096, 1, torch.float32, 0)[0]
+    kw = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    reference_adamw_(master, g, m, v, step=1, **kw)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        for step in range(2, 6):
+            reference_adamw_(master, g, m, v, step=step, **kw)
+    allocs = [e for e in prof.events() if e.name == "[memory]" and e.cpu_memory_usage > 0]
+    assert allocs == []
