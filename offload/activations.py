@@ -29,11 +29,14 @@ host->device stream under the current block's backward. Each fetched tensor is h
 stream through an event, and record_stream keeps the allocator from reusing it early.
 """
 import contextlib
+import warnings
+import weakref
 
 import torch
 from torch.utils._pytree import tree_map
 
 from ._native import trace_kind
+from .sizes import fmt_bytes
 
 POLICIES = ("keep", "recompute", "recompute+offload", "swap", "auto")
 KIND_SWAP_OUT = trace_kind.ACT_SWAP_OUT
@@ -178,12 +181,43 @@ def _never_unpacked(_):
                        "saved tensors")
 
 
+class HostLedger:
+    """Host bytes that activation copies (swap, token-wise split, recompute+offload's block inputs) hold at
+    once, against `room`: what cpu_memory leaves beside the arena. The engine places states without knowing
+    the batch, so a batch's copies can outgrow that room; the first time they do, one RuntimeWarning names
+    the figures and the way out (`offload plan --batch` places states to leave the copies their room)."""
+
+    def __init__(self, room):
+        self.room = room        # None: no cpu_memory budget to hold them to
+        self.live = self.peak = 0
+        self.warned = False
+
+    def add(self, n):
+        self.live += n
+        self.peak = max(self.peak, self.live)
+        if self.room is not None and self.live > self.room and not self.warned:
+            self.warned = True
+            warnings.warn(f"activation copies hold {fmt_bytes(self.live)} of pinned host memory, more than the "
+                          f"{fmt_bytes(max(self.room, 0))} cpu_memory leaves beside the optimizer arena: this process "
+                          f"uses more host memory than cpu_memory. `offload plan --batch B --seq S` prints the "
+                          f"cpu_memory to give engine() so that the states leave the copies room (more of them on "
+                          f"the disk), or lower the batch", RuntimeWarning, stacklevel=2)
+
+    def sub(self, n):
+        self.live -= n
+
+    def release(self, cell):
+        self.sub(cell[0])
+        cell[0] = 0
+
+
 class HostStash:
     """Host copies of one block call's tensors: out on the device->host stream during forward, back on the
     host->device stream when prefetched (Note [swap-in prefetch]). On a CPU device the "host copy" is a
-    clone, so the original can be freed and the same code paths run in CI."""
+    clone, so the original can be freed and the same code paths run in CI. ledger: a HostLedger counting
+    the copies' bytes while the stash lives."""
 
-    def __init__(self, device, d2h, h2d, profiler=None, unit=0):
+    def __init__(self, device, d2h, h2d, profiler=None, unit=0, ledger=None):
         self.device, self.d2h, self.h2d = device, d2h, h2d
         self.cuda = device.type == "cuda"
         self.host = []      # host tensors
@@ -193,10 +227,20 @@ class HostStash:
         self.nbytes = 0
         self.profiler, self.unit = profiler, unit
         self.t_out = None
+        self.ledger = ledger
+        self.sizes = []
+        if ledger is not None:   # each copy is freed when backward takes it (get); what is left, with the stash
+            self._held = [0]
+            weakref.finalize(self, ledger.release, self._held)
 
     def put(self, t):
         """Starts the copy of t to the host; returns its index."""
-        self.nbytes += t.numel() * t.element_size()
+        n = t.numel() * t.element_size()
+        self.nbytes += n
+        self.sizes.append(n)
+        if self.ledger is not None:
+            self._held[0] += n
+            self.ledger.add(n)
         if not self.cuda:
             if self.profiler and self.t_out is None:
                 self.t_out = self.profiler.begin_work(KIND_SWAP_OUT, self.unit)
@@ -246,6 +290,10 @@ class HostStash:
         t = self.back[i]
         self.back[i] = None
         self.host[i] = None
+        if self.ledger is not None and self.sizes[i]:
+            self._held[0] -= self.sizes[i]
+            self.ledger.sub(self.sizes[i])
+            self.sizes[i] = 0
         if self.cuda:
             cur = torch.cuda.current_stream(self.device)
             cur.wait_event(self.back_event)
@@ -279,12 +327,12 @@ class SwapScope:
 
 
 def open_scope(policy, module, args, kwargs, *, unit, device, d2h, h2d, profiler, param_storages, on_recompute,
-               prev):
+               prev, ledger=None):
     """The saved-tensor scope of one block call under `policy` ("keep" and "auto" still undecided: None)."""
     if policy == "recompute":
         return RecomputeScope(module, args, kwargs, device, on_recompute)
     if policy in ("swap", "recompute+offload") or isinstance(policy, float):
-        stash = HostStash(device, d2h, h2d, profiler, unit.index)
+        stash = HostStash(device, d2h, h2d, profiler, unit.index, ledger)
         if policy == "recompute+offload":
             return OffloadedRecomputeScope(module, args, kwargs, device, on_recompute, stash, prev)
         if policy == "swap":

@@ -21,7 +21,7 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from . import act_auto
-from .activations import open_scope
+from .activations import HostLedger, open_scope
 from .groups import UnitState
 from .profiler import KIND_BACKWARD, KIND_FORWARD
 
@@ -73,6 +73,8 @@ class Streamer:
         self.pending_device_bytes = 0   # device bytes promised to states that move there after step 1
         self.on_first_backward = None   # callable(forward seconds) -> device bytes it claims (engine._plan_promotion)
         self.last_scope = None
+        cpu = plan.budgets.get("cpu")   # on a CPU device the copies are clones in the same memory as the model
+        self.host_ledger = HostLedger(cpu - plan.arena_bytes if cpu is not None and self.cuda else None)
 
     # ---- installation ---------------------------------------------------------------------------------
     def install(self):
@@ -212,7 +214,7 @@ class Streamer:
             policy = self._policy(u, sum(flat[i].numel() * flat[i].element_size() for i in idx))
             call.scope = open_scope(policy, module, args, kwargs, unit=u, device=self.device, d2h=self.tiers.d2h,
                                     h2d=self.tiers.h2d, profiler=self.profiler, param_storages=self._param_storages,
-                                    on_recompute=self._recompute_ctx, prev=self.last_scope)
+                                    on_recompute=self._recompute_ctx, prev=self.last_scope, ledger=self.host_ledger)
             if call.scope is not None:
                 if getattr(call.scope, "stash", None) is not None:
                     self.last_scope = call.scope   # Note [swap-in prefetch]

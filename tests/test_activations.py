@@ -209,8 +209,35 @@ def test_recompute_offload_holds_no_block_input_on_the_device(tmp_path):
             leaves = tree_flatten((sc.replay.args, sc.replay.kwargs))[0]
             assert not any(isinstance(x, torch.Tensor) and x.requires_grad for x in leaves)
             assert any(isinstance(x, _OnHost) for x in leaves) and sc.stash.nbytes > 0
+        ledger = eng.streamer.host_ledger
+        assert ledger.live == sum(sc.stash.nbytes for sc in scopes) > 0
+        del scopes, sc
         eng.backward(loss)
+        assert ledger.live == 0 and ledger.peak > 0   # backward took (and freed) every copy
         assert eng.step()
+
+
+def test_host_ledger_warns_once_when_copies_outgrow_the_room_cpu_memory_leaves():
+    from offload.activations import HostLedger, HostStash
+    ledger = HostLedger(room=1000)
+    keep = []
+    for _ in range(2):
+        st = HostStash(torch.device("cpu"), None, None, ledger=ledger)
+        st.put(torch.zeros(100))         # 400 bytes each
+        keep.append(st)
+    assert ledger.live == 800
+    with pytest.warns(RuntimeWarning, match=r"hold 1.17 KiB of pinned host memory, more than the 1000 B"):
+        st = HostStash(torch.device("cpu"), None, None, ledger=ledger)
+        st.put(torch.zeros(100))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # once only
+        st.put(torch.zeros(100))
+    assert st.get(0).shape == (100,) and ledger.live == 1200   # a copy taken back is no longer held
+    del st, keep
+    import gc
+    gc.collect()
+    assert ledger.live == 0 and ledger.peak == 1600          # the rest go with their stashes
 
 
 @pytest.mark.parametrize("policy", ["recompute", "recompute+offload", "swap", 0.5], ids=str)
