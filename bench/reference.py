@@ -43,6 +43,11 @@ def n_params(a):
     return L * (4 * h * h + 3 * h * i + 2 * h) + 2 * v * h + h
 
 
+def rank_world():
+    """(rank, world size) of this worker: torchrun's environment, (0, 1) without one."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def step_tokens(a):
     """Tokens of one optimizer step: micro-batch x sequence x micro-batches accumulated."""
     return a.mb * a.seq * getattr(a, "grad_accum", 1)
@@ -90,7 +95,7 @@ def peak_rss_gib():
 
 def batches(a, device):
     import torch
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(1 + 1000 * rank_world()[0])   # each rank its own data
     rows = a.mb * getattr(a, "grad_accum", 1)     # a step's micro-batches, stacked
     return [torch.randint(0, a.vocab, (rows, a.seq), generator=g).to(device) for _ in range(4)]
 
@@ -99,9 +104,10 @@ def cap_gpu(a):
     import torch
     if a.device != "cuda":
         return
-    total = torch.cuda.get_device_properties(0).total_memory
+    dev = torch.cuda.current_device()      # a rank's own GPU under torchrun
+    total = torch.cuda.get_device_properties(dev).total_memory
     if a.gpu_cap:
-        torch.cuda.set_per_process_memory_fraction(min(1.0, a.gpu_cap * 2**30 / total))
+        torch.cuda.set_per_process_memory_fraction(min(1.0, a.gpu_cap * 2**30 / total), dev)
 
 
 def steady_state_counters():
@@ -135,7 +141,8 @@ def timed_steps(a, step_fn, counters=None):
         _sync(a)
         times.append(time.perf_counter() - t)
         losses.append(float(loss))
-        print(f"  step {i}: {times[-1]:.3f} s loss {losses[-1]:.4f}", flush=True)
+        if rank_world()[0] == 0:
+            print(f"  step {i}: {times[-1]:.3f} s loss {losses[-1]:.4f}", flush=True)
     if counters is not None and a.steps:
         after = steady_state_counters()
         counters.update({k: (after[k] - before[k]) / a.steps for k in after})
@@ -147,6 +154,8 @@ def run_offload(a):
     import offload
     from offload.plan import state_traffic_bytes
     cap_gpu(a)
+    from offload.shard import init_from_env
+    init_from_env(a.device)      # under torchrun: the process group the engine shards over (gloo / NCCL)
     if a.device_update_share is not None:   # a sweep of the planner's CPU/device AdamW split
         from offload import plan as plan_mod
         plan_mod.DEVICE_UPDATE_SHARE = a.device_update_share
@@ -198,7 +207,7 @@ def batch_overrides(a, model):
     knowing the batch, or host room for block inputs (plan.plan_for_batch, as `offload plan --batch` prints
     it): {"activations": the policy that plan picked, "cpu_memory": what the placement may use, "overrides":
     {"activation_share": its share} or None}; else None (the engine's own defaults)."""
-    if a.device != "cuda" or a.activations != "auto":
+    if a.device != "cuda" or a.activations != "auto" or rank_world()[1] > 1:
         return None
     import torch
     from offload import plan as planmod
@@ -275,13 +284,23 @@ def worker(a):
         faulthandler.dump_traceback_later(float(stacks_after), exit=False)
     fn = {"offload": run_offload, "pytorch": run_pytorch, "deepspeed": run_deepspeed}[a.worker]
     cuda = a.device == "cuda"
+    rank, world = rank_world()
     if cuda:
+        if world > 1:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.reset_peak_memory_stats()
     times, losses, extra = fn(a)
-    res = {"system": a.worker, "times": times, "losses": losses,
-           "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    res = {"system": a.worker, "times": times, "losses": losses, "peak_gpu_gib": peak,
            "host_rss_gib": peak_rss_gib(), **extra}
-    print("RESULT " + json.dumps(res), flush=True)
+    if world > 1:   # the GPU peak of the fullest rank, host memory of them all (they share the host)
+        import torch.distributed as dist
+        figures = [None] * world
+        dist.all_gather_object(figures, (peak, res["host_rss_gib"]))
+        res.update(ranks=world, peak_gpu_gib=max(f[0] for f in figures),
+                   host_rss_gib=sum(f[1] for f in figures))
+    if rank == 0:
+        print("RESULT " + json.dumps(res), flush=True)
 
 
 def measure_rates(device="cuda", nvme=None):
@@ -421,6 +440,8 @@ def main(argv=None, extra=None, save=True):
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--mb", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (offload only)")
+    p.add_argument("--ranks", type=int, default=1, help="processes under torchrun, one GPU each (offload, deepspeed); "
+                   "--mb is per rank")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--gpu-cap", type=float, default=24)
     p.add_argument("--cpu-memory", default=None)
@@ -443,6 +464,8 @@ def main(argv=None, extra=None, save=True):
     a = p.parse_args(argv)
     if a.grad_accum < 1 or a.grad_accum > 1 and set(a.systems.split(",") if not a.worker else [a.worker]) - {"offload"}:
         p.error("--grad-accum: a positive count, with --systems offload only")
+    if a.ranks < 1 or a.ranks > 1 and "pytorch" in (a.systems.split(",") if not a.worker else [a.worker]):
+        p.error("--ranks: a positive count; GPU-resident PyTorch runs on one GPU only")
     if a.worker:
         return worker(a)
     from record import record, run_id
@@ -457,7 +480,9 @@ def main(argv=None, extra=None, save=True):
                                                       or (i and argv[i - 1] in ("--systems", "--rates")))]
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", system] + keep
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        if system == "deepspeed":
+        if a.ranks > 1:      # torchrun: a free rendezvous port of its own, one process per rank
+            cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(a.ranks)]
+        elif system == "deepspeed":
             env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29511")
         print(f"== {system}: {' '.join(cmd)}", flush=True)
         out, timed_out = run_worker(cmd, env, a.timeout, a.stream)
@@ -479,21 +504,28 @@ def main(argv=None, extra=None, save=True):
             continue
         a.steps_total = a.steps + a.warmup
         step_s = statistics.median(res["times"])
-        tokens = step_tokens(a)
-        fl = floors(a, rates, res.get("moved_steps") or res.get("moved"), res.get("adam_host_elems"), system)
-        largest = max(fl, key=fl.get)
+        tokens = step_tokens(a) * a.ranks
+        # one rank's counters do not price a host that several ranks share (its AdamW cores, its memory):
+        # several ranks get no floors rather than wrong ones
+        fl = floors(a, rates, res.get("moved_steps") or res.get("moved"), res.get("adam_host_elems"), system) \
+            if a.ranks == 1 else {}
+        largest = max(fl, key=fl.get) if fl else None
         row = {"bench": a.bench, "system": {"deepspeed": "deepspeed-zero3-cpu-" + ("nvme" if a.nvme else "cpu"),
                                             "pytorch": "pytorch-gpu-resident"}.get(system, system),
                "run": run_id(), "step_s": round(step_s, 4), "tokens_per_s": round(tokens / step_s, 1),
-               "model_tflops": round(model_flops(a) / step_s / 1e12, 1), "params_B": round(n_params(a) / 1e9, 3),
+               "model_tflops": round(model_flops(a) * a.ranks / step_s / 1e12, 1),
+               "params_B": round(n_params(a) / 1e9, 3),
                "peak_gpu_gib": round(res["peak_gpu_gib"], 2), "host_rss_gib": round(res["host_rss_gib"], 2),
-               "floor_s": round(fl[largest], 4), "bottleneck": largest.replace("_s", ""),
-               "measured_over_floor": round(step_s / fl[largest], 3),
+               "floor_s": round(fl[largest], 4) if fl else None,
+               "bottleneck": largest.replace("_s", "") if fl else None,
+               "measured_over_floor": round(step_s / fl[largest], 3) if fl else None,
                "floors": {k: round(v, 4) for k, v in fl.items()}, "rates": {k: round(v, 2) for k, v in rates.items()},
                "losses": [round(x, 4) for x in res["losses"]], "step_times": [round(x, 3) for x in res["times"]],
                "gpu_cap_gib": a.gpu_cap if system != "pytorch" else None, "cpu_memory": a.cpu_memory,
                "activations": a.activations if system == "offload" else None}
         row.update(mb=a.mb, seq=a.seq, nvme=a.nvme)
+        if a.ranks > 1:
+            row.update(ranks=a.ranks, tokens_per_s_per_gpu=round(tokens / a.ranks / step_s, 1))
         if a.grad_accum > 1:
             row["grad_accum"] = a.grad_accum
         if system == "offload" and a.device_update_share is not None:
