@@ -17,7 +17,8 @@ GB/s write); DeepSpeed measured 47.69 s/step here. Setup writes the initial stat
 
   python bench/nvme_regime.py --systems offload --mbs 4,16                 # ~6 min
   python bench/nvme_regime.py --systems deepspeed --mbs 4 --timeout 500    # ~5-8 min (its setup is slow)
-  python bench/nvme_regime.py --systems offload --mbs 4 --grad-accum 4     # 16 sequences a step, 4 at a time
+  python bench/nvme_regime.py --systems offload --mbs 4 --grad-accum 4 --cpu-memory 20GiB
+                                       # 16 sequences a step, 4 at a time (the fp32 accumulators need 20 GiB)
   python bench/nvme_regime.py --preset tiny --device cpu                   # small mode (CI), seconds
 
 Micro-batch 16 itself does not fit a 24 GiB cap: its fp32 logits (16 x 2048 x 32000) are 3.9 GiB, and the
@@ -71,8 +72,9 @@ def main(argv=None):
     rows = []
     for mb in (int(x) for x in a.mbs.split(",")):
         for system in a.systems.split(","):
+            accum = a.grad_accum if system == "offload" else 1      # DeepSpeed runs one micro-batch a step
             bench = a.bench or f"nvme-regime-{'3.37b' if a.preset == 'reference' else a.preset}-mb{mb}" + (
-                f"x{a.grad_accum}" if a.grad_accum > 1 else "")
+                f"x{accum}" if accum > 1 else "")
             left = a.time_budget - (time.perf_counter() - t0) - 10
             if left < 30:
                 print(f"== {system} mb {mb}: skipped, {left:.0f} s of the time budget left", flush=True)

@@ -168,14 +168,14 @@ def run_offload(a):
         weights = RandomInit()
     else:
         model = build(a, torch.bfloat16 if a.device == "cuda" else torch.float32)
-    activations, overrides, cpu_memory = _policy(a.activations), batch_overrides(a, model), a.cpu_memory
+    activations, overrides = _policy(a.activations), batch_overrides(a, model)
     if overrides:           # what `offload plan --batch` says a run of this batch needs
-        print(f"batch plan: engine(..., activations={overrides['activations']!r}, cpu_memory="
-              f"{overrides['cpu_memory']}, overrides={overrides['overrides']})", flush=True)
-        activations, cpu_memory = overrides["activations"], overrides["cpu_memory"]
+        print(f"batch plan: engine(..., activations={overrides['activations']!r}, "
+              f"overrides={overrides['overrides']})", flush=True)
+        activations = overrides["activations"]
     t = time.perf_counter()
     eng = offload.engine(model, optimizer=offload.AdamW(lr=a.lr, weight_decay=0.0), gpu_memory=f"{a.gpu_cap}GiB",
-                         cpu_memory=cpu_memory, nvme=a.nvme, activations=activations,
+                         cpu_memory=a.cpu_memory, nvme=a.nvme, activations=activations,
                          trace=a.trace, device=a.device, weights=weights, grad_accum=a.grad_accum,
                          overrides=overrides and overrides["overrides"])
     setup_s = time.perf_counter() - t
@@ -205,8 +205,8 @@ def run_offload(a):
 def batch_overrides(a, model):
     """Where this batch's activations need more of the device than the share the engine keeps for them without
     knowing the batch, or host room for block inputs (plan.plan_for_batch, as `offload plan --batch` prints
-    it): {"activations": the policy that plan picked, "cpu_memory": what the placement may use, "overrides":
-    {"activation_share": its share} or None}; else None (the engine's own defaults)."""
+    it): {"activations": the policy that plan picked, "overrides": what it adds to engine()'s overrides};
+    else None (the engine's own defaults)."""
     if a.device != "cuda" or a.activations != "auto" or rank_world()[1] > 1:
         return None
     import torch
@@ -221,10 +221,9 @@ def batch_overrides(a, model):
         units, model_shape(model, units, a.seq), a.mb, micro_batches=a.grad_accum, rates=machine_rates(torch.device("cuda", torch.cuda.current_device()), room=budget), itemsize=2,
         device="cuda", gpu_budget=budget, cpu_budget=parse_size(a.cpu_memory, "cpu_memory") if a.cpu_memory else None,
         nvme=a.nvme, grad_accum=a.grad_accum, activations="auto")
-    if plan.activation_share is None and not plan.host_stash_reserve:
+    if not plan.batch_overrides:
         return None
-    return {"activations": act.policy, "cpu_memory": plan.budgets["cpu"] - plan.host_stash_reserve,
-            "overrides": {"activation_share": plan.activation_share} if plan.activation_share else None}
+    return {"activations": act.policy, "overrides": plan.batch_overrides}
 
 
 def _policy(text):
@@ -499,6 +498,8 @@ def main(argv=None, extra=None, save=True):
                     "timeout_s": a.timeout, "step_times": [float(d[2]) for d in done],
                     "losses": [float(d[5]) for d in done], "params_B": round(n_params(a) / 1e9, 3),
                     "cpu_memory": a.cpu_memory, "nvme": a.nvme, "mb": a.mb, "seq": a.seq,
+                    **({"grad_accum": a.grad_accum} if a.grad_accum > 1 else {}),
+                    **({"ranks": a.ranks} if a.ranks > 1 else {}),
                     "rates": {k: round(v, 2) for k, v in rates.items()}, "run": run_id()})
             rows.append(record(fail) if save else fail)
             continue
@@ -522,7 +523,8 @@ def main(argv=None, extra=None, save=True):
                "floors": {k: round(v, 4) for k, v in fl.items()}, "rates": {k: round(v, 2) for k, v in rates.items()},
                "losses": [round(x, 4) for x in res["losses"]], "step_times": [round(x, 3) for x in res["times"]],
                "gpu_cap_gib": a.gpu_cap if system != "pytorch" else None, "cpu_memory": a.cpu_memory,
-               "activations": a.activations if system == "offload" else None}
+               "activations": (res.get("batch_overrides") or {}).get("activations", a.activations)
+               if system == "offload" else None}
         row.update(mb=a.mb, seq=a.seq, nvme=a.nvme)
         if a.ranks > 1:
             row.update(ranks=a.ranks, tokens_per_s_per_gpu=round(tokens / a.ranks / step_s, 1))
@@ -531,7 +533,7 @@ def main(argv=None, extra=None, save=True):
         if system == "offload" and a.device_update_share is not None:
             row["device_update_share"] = a.device_update_share
         for k in ("setup_s", "plan_bytes", "moved", "moved_steps", "predicted_step_s", "act_plan",
-                  "steady_state_growth_per_step", "adam_host_elems"):
+                  "steady_state_growth_per_step", "adam_host_elems", "batch_overrides"):
             if k in res:
                 row[k] = res[k]
         if a.same_batch:

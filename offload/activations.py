@@ -237,10 +237,11 @@ class HostStash:
         """Starts the copy of t to the host; returns its index."""
         n = t.numel() * t.element_size()
         self.nbytes += n
-        self.sizes.append(n)
+        # the ledger counts what is pinned: torch's pinned allocator rounds each request up to 2^k
+        self.sizes.append(1 << max(n - 1, 0).bit_length() if self.cuda and n else n)
         if self.ledger is not None:
-            self._held[0] += n
-            self.ledger.add(n)
+            self._held[0] += self.sizes[-1]
+            self.ledger.add(self.sizes[-1])
         if not self.cuda:
             if self.profiler and self.t_out is None:
                 self.t_out = self.profiler.begin_work(KIND_SWAP_OUT, self.unit)

@@ -312,7 +312,8 @@ def cmd_plan(args):
     print(plan)
     eff = rates.get("compute_efficiency", planmod.COMPUTE_EFFICIENCY)
     print(f"activations: {act.policy}, device reserve {fmt_bytes(act.device_bytes)}"
-          + (f", block inputs in host memory {fmt_bytes(act.host_bytes)}" if act.host_bytes else ""))
+          + (f", block inputs in host memory {fmt_bytes(act.host_bytes)} ({fmt_bytes(act.host_room)} pinned)"
+             if act.host_bytes else ""))
     print(f"step of {tokens:,} tokens ({args.batch} x {shape.seq} x {args.grad_accum} micro-batches), "
           f"per resource (they overlap):")
     notes = {"gpu": f"{pred.hardware_flops / 1e12:,.0f} TFLOP at {rates['gpu_tflops']:.1f} TFLOPS x {eff:.2f}",

@@ -12,6 +12,9 @@ plans the rest around what was fixed and checks the result against the budgets l
         "queue_depth": 64,            # the disk store's requests in flight
         "activation_share": 0.3,      # of gpu_memory kept for activations until the first step measures them
                                       # (on a GPU; on the CPU nothing is kept)
+        "activation_host_bytes": 8 << 30,   # of cpu_memory kept free of optimizer state for activation copies
+                                      # (recompute+offload's block inputs, swaps); `offload plan --batch` says
+                                      # when a batch needs it
         "device_update_share": 0.5,   # of the host-held AdamW elements updated on the GPU instead of the CPU
                                       # (where the device-side AdamW applies and has room)
     })
@@ -23,7 +26,8 @@ from dataclasses import dataclass, field
 from .errors import ConfigError
 
 TIERS = ("gpu", "cpu", "nvme")
-KEYS = ("units", "prefetch_depth", "disk_prefetch_depth", "queue_depth", "activation_share", "device_update_share")
+KEYS = ("units", "prefetch_depth", "disk_prefetch_depth", "queue_depth", "activation_share", "device_update_share",
+        "activation_host_bytes")
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,7 @@ class Overrides:
     queue_depth: int = None
     activation_share: float = None
     device_update_share: float = None
+    activation_host_bytes: int = None
 
     def homes(self, names):
         """Per unit (in `names` order): (params tier or None, states tier or None)."""
@@ -98,7 +103,8 @@ def parse_overrides(spec, unit_names, frozen=()):
         units[name] = (params, states)
     checks = {"prefetch_depth": (_positive_int, 16), "disk_prefetch_depth": (_positive_int, 64),
               "queue_depth": (_positive_int, 4096), "activation_share": (_share, True),
-              "device_update_share": (_share, False)}   # key: (check, its bound or whether 0 is refused)
+              "device_update_share": (_share, False),
+              "activation_host_bytes": (_positive_int, None)}   # key: (check, its bound or whether 0 is refused)
     out = Overrides(units=units, **{k: check(spec[k], k, problems, arg) for k, (check, arg) in checks.items()
                                     if k in spec})
     if problems:

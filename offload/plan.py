@@ -71,8 +71,7 @@ class Plan:
     itemsize: int = 2
     compute_included: bool = False
     act_reserve: int = 0      # device bytes kept for activations (engine_placement)
-    activation_share: float = None   # set where plan_for_batch raised it for the batch (the override to pass)
-    host_stash_reserve: int = 0      # cpu_memory plan_for_batch left out of the placement for block inputs
+    batch_overrides: dict = None     # what plan_for_batch added to engine()'s overrides for the batch to fit
     queue_depth: int = 32     # the disk store's requests in flight
 
     def predict(self, tokens_per_step, rates, shape, act=None, micro_batches=1):
@@ -349,6 +348,12 @@ def engine_placement(units, *, itemsize, device, gpu_budget, cpu_budget, nvme, g
     cuda = str(device).startswith("cuda") and bool(gpu_budget)
     act_share = o.activation_share if o.activation_share is not None else ACTIVATION_SHARE
     act_reserve = int(gpu_budget * act_share) if cuda else 0
+    full_cpu = cpu_budget
+    if o.activation_host_bytes and cpu_budget is not None:   # kept free of optimizer state for activation copies
+        if o.activation_host_bytes >= cpu_budget:
+            raise ConfigError(f"overrides: activation_host_bytes={fmt_bytes(o.activation_host_bytes)} leaves nothing "
+                              f"of cpu_memory={fmt_bytes(cpu_budget)} for the optimizer")
+        cpu_budget -= o.activation_host_bytes
     kw = dict(itemsize=itemsize, device=str(device), gpu_budget=gpu_budget, cpu_budget=cpu_budget, nvme=nvme,
               grad_accum=grad_accum, activations=activations, shards=shards,
               forced=o.homes([u.name for u in units]), depth=o.prefetch_depth, disk_depth=o.disk_prefetch_depth)
@@ -382,6 +387,7 @@ def engine_placement(units, *, itemsize, device, gpu_budget, cpu_budget, nvme, g
     plan.queue_depth = o.queue_depth or plan.queue_depth
     if cuda and not sharded and defer:
         defer_device_states(plan, units, cpu_budget, grad_accum, keep={n for n, (_, s) in o.units.items() if s})
+    plan.budgets["cpu"] = full_cpu   # the activation copies' room is the budget less the arena
     return plan
 
 
@@ -580,8 +586,9 @@ LAYER_ACT_BYTES = 34   # bytes per token per hidden unit a block saves for backw
                        # et al. 2022, eq. 1, without the 5as/h term: SDPA/flash attention keeps no scores)
 LOGIT_EXTRA_BYTES = 12  # per logit beside the compute-dtype copy, at the loss's backward peak: the fp32
                         # log-softmax saved for backward, its fp32 gradient and the fp32 gradient of its input.
-                        # Measured: Hugging Face LLaMA at 16 x 2048 x 32000 ran out of a 24 GiB cap in the loss's
-                        # backward asking for a fourth 3.9 GiB fp32 tensor, with 13.3 B per logit already held
+                        # Measured: Hugging Face LLaMA at 16 x 2048 x 32000 under a 24 GiB cap held 9.3 B a logit
+                        # in the loss's backward and ran out asking for 4 more (a 3.9 GiB fp32 tensor): 13.3 B
+                        # at least
 
 
 @dataclass(frozen=True)
@@ -593,6 +600,12 @@ class ActivationPlan:
     policy: str
     device_bytes: int
     host_bytes: int = 0
+    host_pinned: int = 0     # what host_bytes take pinned: torch's pinned allocator rounds each block up to 2^k
+
+    @property
+    def host_room(self):
+        """Host memory it needs beside the arena."""
+        return max(self.host_pinned, self.host_bytes)
 
     @property
     def recompute(self):
@@ -605,99 +618,132 @@ def activation_options(shape, batch, itemsize):
     block = LAYER_ACT_BYTES * tok * shape.hidden * itemsize // 2
     block_in = tok * shape.hidden * itemsize
     logits = tok * shape.vocab * (itemsize + LOGIT_EXTRA_BYTES)
+    pinned = 1 << max(block_in - 1, 0).bit_length()
     return [ActivationPlan("keep", shape.layers * block + logits),
             ActivationPlan("recompute", shape.layers * block_in + block + logits),
-            ActivationPlan("recompute+offload", 2 * block_in + block + logits, shape.layers * block_in)]
+            ActivationPlan("recompute+offload", 2 * block_in + block + logits, shape.layers * block_in,
+                           shape.layers * pinned)]
 
 
 def plan_for_batch(units, shape, batch, rates=None, micro_batches=1, **kw):
     """engine_placement (the plan offload.engine() builds for these budgets) and the ActivationPlan a batch of
     batch x shape.seq tokens gets inside the engine's activation reserve: the fastest predicted one when rates
-    has gpu_tflops, else the one keeping most on the device; on the CPU (no device reserve) "keep". kw:
-    engine_placement's keywords, rates defaulting to `rates`. Returns (Plan, ActivationPlan); raises
-    BudgetError when the placement does not fit or no activation policy fits the reserve."""
+    has gpu_tflops, else the one keeping most on the device; on the CPU (no device reserve) "keep". Where no
+    policy fits the engine's default placement, the placement that makes one fit (_refit; Plan.batch_overrides
+    says what to pass to engine()). kw: engine_placement's keywords, rates defaulting to `rates`. Returns
+    (Plan, ActivationPlan); raises BudgetError when the placement does not fit or no activation policy fits."""
     kw.setdefault("rates", dict(DEFAULT_RATES, **{k: v for k, v in (rates or {}).items() if v is not None}))
     plan = engine_placement(units, defer=False, **kw)   # the batch is priced: the steady state is shown
     opts = activation_options(shape, batch, kw["itemsize"])
     if not str(kw["device"]).startswith("cuda"):
         return plan, opts[0]
-    fits = _fitting(plan, opts)
-    if not fits and plan.budgets.get("gpu"):
-        plan = _refit(units, plan, opts, batch, shape, kw) or plan
-        fits = _fitting(plan, opts)
-    cpu_budget = plan.budgets.get("cpu")
-    host_room = float("inf") if cpu_budget is None else cpu_budget - plan.arena_bytes
-    if not fits and opts[-1].device_bytes <= plan.act_reserve:
-        raise BudgetError(f"batch {batch} x seq {shape.seq}: with recompute, the block inputs need "
-                          f"{fmt_bytes(opts[-2].device_bytes)} of the device, more than the {fmt_bytes(plan.act_reserve)} "
-                          f"kept for activations, and {fmt_bytes(opts[-1].host_bytes)} in host memory, more than the "
-                          f"{fmt_bytes(max(host_room, 0))} cpu_memory leaves beside the arena; lower --batch or raise "
-                          f"cpu_memory")
-    if not fits:
-        raise BudgetError(f"batch {batch} x seq {shape.seq}: even with recompute and block inputs in host memory "
-                          f"activations need {fmt_bytes(opts[-1].device_bytes)} of the device, more than the "
-                          f"{fmt_bytes(plan.act_reserve)} the engine keeps for them ({plan.act_reserve / plan.budgets['gpu']:.0%} of "
-                          f"gpu_memory, and no larger share up to {MAX_ACTIVATION_SHARE:.0%} leaves room for the model "
-                          f"state); lower --batch (raise --grad-accum to keep the tokens per step) or raise "
-                          f"gpu_memory")
-    if rates and rates.get("gpu_tflops"):
-        tokens = batch * shape.seq * micro_batches
-        return plan, min(fits, key=lambda a: predict_step(plan, shape, tokens, rates, a, micro_batches).step_s)
-    return plan, fits[0]
+    priced = bool(rates and rates.get("gpu_tflops"))
+    tokens = batch * shape.seq * micro_batches
+
+    def step_s(p, a):
+        return predict_step(p, shape, tokens, rates, a, micro_batches).step_s
+
+    def best(p, fits):
+        return min(fits, key=lambda a: step_s(p, a)) if priced else fits[0]
+    fits = _fitting(units, plan, opts, kw)
+    if fits:
+        return plan, best(plan, fits)
+    found = _refit(units, plan, opts, kw) if plan.budgets.get("gpu") else []
+    if not found:
+        raise BudgetError(_no_fit_reason(units, plan, opts, kw, batch, shape))
+    cand, added, fits = min(found, key=lambda f: step_s(f[0], best(f[0], f[2]))) if priced else found[0]
+    act = best(cand, fits)
+    cand.batch_overrides = added
+    gpu = cand.budgets["gpu"]
+    if "activation_share" in added:
+        cand.notes.append(f"batch {batch} x seq {shape.seq}: activations need more than the "
+                          f"{plan.act_reserve / gpu:.0%} of gpu_memory the engine keeps for them without knowing the "
+                          f"batch, so this plan keeps {added['activation_share']:.0%}")
+    if "activation_host_bytes" in added:
+        cand.notes.append(f"batch {batch} x seq {shape.seq}: the block inputs wait in host memory, so the plan keeps "
+                          f"{fmt_bytes(added['activation_host_bytes'])} of cpu_memory free of optimizer state for "
+                          f"them (more states on the disk)")
+    cand.notes.append(f"a run gets this plan with engine(..., activations={act.policy!r}) and, in its overrides, "
+                      + ", ".join(f"{k!r}: {v}" for k, v in added.items()))
+    return cand, act
 
 
-def _fitting(plan, opts):
-    """The ActivationPlans that fit plan's activation reserve and the host memory its arena leaves."""
-    cpu_budget = plan.budgets.get("cpu")
-    host_room = float("inf") if cpu_budget is None else cpu_budget - plan.arena_bytes
-    return [a for a in opts if a.device_bytes <= plan.act_reserve and a.host_bytes <= host_room]
+def _engine_arena(units, kw):
+    """The arena offload.engine() holds with these arguments: its placement defers the states planned for the
+    device into the arena for the first step (defer_device_states), and those bytes stay held."""
+    return engine_placement(units, defer=True, **kw).arena_bytes
 
 
-def _refit(units, plan, opts, batch, shape, kw):
-    """Where none of the batch's ActivationPlans fits the engine's default placement (which is made without
-    knowing the batch): the placement with the smallest activation share, in steps of SHARE_STEP up to
-    MAX_ACTIVATION_SHARE, that fits one of opts, less model state on the device in exchange; and where only
-    "recompute+offload" could fit but its block inputs find no room in host memory beside the arena, the
-    same with that much of cpu_memory left out of the placement (more states on the disk). Notes say which
-    engine() arguments reproduce it. None when nothing fits. A share the user fixed is not raised."""
+def _fitting(units, plan, opts, kw):
+    """The ActivationPlans that fit plan's activation reserve and the host memory the engine's arena leaves
+    (kw: the engine_placement arguments plan was made with)."""
+    device_ok = [a for a in opts if a.device_bytes <= plan.act_reserve]
+    cpu = plan.budgets.get("cpu")
+    if cpu is None or not any(a.host_room for a in device_ok):
+        return device_ok
+    room = cpu - _engine_arena(units, kw)
+    return [a for a in device_ok if a.host_room <= room]
+
+
+def _refit(units, plan, opts, kw):
+    """Where none of the batch's ActivationPlans fits the engine's default placement (made without knowing the
+    batch): placements that make one fit, as [(Plan, the overrides added, the ActivationPlans that fit)], in
+    order of the device share they take. They keep a larger share of the device for activations, in steps of
+    SHARE_STEP up to MAX_ACTIVATION_SHARE (less model state there); and where the block inputs of
+    "recompute+offload" find no room in host memory beside the arena, they keep that much of cpu_memory free
+    of optimizer state (overrides activation_host_bytes; more states on the disk). A share or host reserve
+    the user fixed is not changed."""
     gpu, cpu = plan.budgets["gpu"], plan.budgets.get("cpu")
     o = kw.get("overrides", NO_OVERRIDES)
-    base = plan.act_reserve / gpu
     shares = [None]             # the engine's own reserve
     if o.activation_share is None:
-        first = max(base, math.ceil(min(a.device_bytes for a in opts) / gpu / SHARE_STEP - 1e-9) * SHARE_STEP)
-        shares += [round(first + i * SHARE_STEP, 2) for i in range(int((MAX_ACTIVATION_SHARE - first) / SHARE_STEP + 1e-9) + 1)]
-    stash = opts[-1].host_bytes if cpu is not None else 0
+        first = max(plan.act_reserve / gpu,
+                    math.ceil(min(a.device_bytes for a in opts) / gpu / SHARE_STEP - 1e-9) * SHARE_STEP)
+        while first <= MAX_ACTIVATION_SHARE + 1e-9:
+            shares.append(round(first, 2))
+            first += SHARE_STEP
+    holds = [None]
+    if cpu is not None and o.activation_host_bytes is None and opts[-1].host_room:
+        holds.append(opts[-1].host_room)
+    found = []
     for share in shares:
-        for spill in (0, stash) if stash else (0,):
-            if share is None and not spill:
+        for hold in holds:
+            if share is None and hold is None:
                 continue        # the plan at hand
+            added = {k: v for k, v in (("activation_share", share), ("activation_host_bytes", hold)) if v is not None}
+            ckw = dict(kw, overrides=replace(o, **added))
             try:
-                cand = engine_placement(units, defer=False, **dict(
-                    kw, cpu_budget=cpu - spill if spill else cpu,
-                    overrides=o if share is None else replace(o, activation_share=share)))
-            except BudgetError:
+                cand = engine_placement(units, defer=False, **ckw)
+            except (BudgetError, ConfigError):
                 continue
-            if spill:
-                cand.budgets["cpu"] = cpu      # the block inputs take the rest: _fitting checks them against it
-            if not _fitting(cand, opts):
-                continue
-            args = []
-            if share is not None:
-                cand.activation_share = share
-                args.append(f"overrides={{'activation_share': {share}}}")
-                cand.notes.append(f"batch {batch} x seq {shape.seq}: activations need more than the {base:.0%} of "
-                                  f"gpu_memory the engine keeps for them without knowing the batch, so this plan "
-                                  f"keeps {share:.0%}")
-            if spill:
-                cand.host_stash_reserve = spill
-                args.append(f"cpu_memory={cpu - spill}")
-                cand.notes.append(f"batch {batch} x seq {shape.seq}: the block inputs wait in host memory "
-                                  f"({fmt_bytes(spill)}), so the states are placed in {fmt_bytes(cpu - spill)} of "
-                                  f"cpu_memory and the rest go to the disk")
-            cand.notes.append("a run gets this plan with engine(..., " + ", ".join(args) + ")")
-            return cand
-    return None
+            fits = _fitting(units, cand, opts, ckw)
+            if fits:
+                found.append((cand, added, fits))
+    return found
+
+
+def _no_fit_reason(units, plan, opts, kw, batch, shape):
+    """Why no placement fits the batch's activations: the device, or the host memory of the block inputs."""
+    o = kw.get("overrides", NO_OVERRIDES)
+    gpu = plan.budgets["gpu"]
+    head = f"batch {batch} x seq {shape.seq}: "
+    if o.activation_share is not None:
+        return (head + f"activations need at least {fmt_bytes(min(a.device_bytes for a in opts))} of the device (with "
+                f"recompute and block inputs in host memory), more than the {fmt_bytes(plan.act_reserve)} overrides' "
+                f"activation_share={o.activation_share} keeps for them, or host memory for the block inputs is short; "
+                f"raise activation_share or lower --batch")
+    # the most any share could keep: the smallest streaming working set needs its room whatever the share
+    top = max(plan.act_reserve, min(MAX_ACTIVATION_SHARE * gpu, gpu - stream_working_set(units, plan.itemsize, 1)))
+    if opts[-1].device_bytes <= top and opts[-1].host_bytes:
+        return (head + f"with recompute, the block inputs need {fmt_bytes(opts[-2].device_bytes)} of the device, more "
+                f"than any share of gpu_memory up to {MAX_ACTIVATION_SHARE:.0%} leaves beside the model state, or "
+                f"{fmt_bytes(opts[-1].host_room)} in host memory, more than cpu_memory leaves beside the optimizer "
+                f"arena; raise cpu_memory, give the engine a disk (nvme) for optimizer states, or lower --batch")
+    return (head + f"even with recompute and block inputs in host memory activations need "
+            f"{fmt_bytes(opts[-1].device_bytes)} of the device, more than the {fmt_bytes(plan.act_reserve)} the engine "
+            f"keeps for them ({plan.act_reserve / gpu:.0%} of gpu_memory), and no larger share up to "
+            f"{MAX_ACTIVATION_SHARE:.0%} leaves room for the model state; lower --batch (raise --grad-accum to keep "
+            f"the tokens per step) or raise gpu_memory")
 
 
 @dataclass(frozen=True)

@@ -156,19 +156,24 @@ def test_batch_is_fitted_into_the_engines_activation_reserve(tiny):
     # model state there), says which override gets it, and the engine's placement with it is the same
     short = int(opts[2].device_bytes / planmod.ACTIVATION_SHARE) - 10
     p, act = planmod.plan_for_batch(units, shape, 4, gpu_budget=short, **kw)
-    assert p.activation_share > planmod.ACTIVATION_SHARE and p.act_reserve >= act.device_bytes
-    assert round(p.activation_share / planmod.SHARE_STEP, 6) % 1 == 0
-    assert any(f"overrides={{'activation_share': {p.activation_share}}}" in n for n in p.notes)
+    share = p.batch_overrides["activation_share"]
+    assert share > planmod.ACTIVATION_SHARE and p.act_reserve >= act.device_bytes
+    assert round(share / planmod.SHARE_STEP, 6) % 1 == 0 and share <= planmod.MAX_ACTIVATION_SHARE
+    assert any(f"'activation_share': {share}" in n and f"activations={act.policy!r}" in n for n in p.notes)
     again = planmod.engine_placement(units, gpu_budget=short, rates=planmod.DEFAULT_RATES, defer=False,
-                                     overrides=Overrides(activation_share=p.activation_share), **kw)
+                                     overrides=Overrides(activation_share=share), **kw)
     assert [(u.params_home, u.states_home) for u in again.units] == [(u.params_home, u.states_home) for u in p.units]
     # ... the smallest such share: one step less does not fit
     smaller = planmod.engine_placement(units, gpu_budget=short, rates=planmod.DEFAULT_RATES, defer=False,
-                                       overrides=Overrides(activation_share=p.activation_share - planmod.SHARE_STEP), **kw)
+                                       overrides=Overrides(activation_share=share - planmod.SHARE_STEP), **kw)
     assert smaller.act_reserve < min(a.device_bytes for a in opts)
     # an override of the share is the user's: nothing is raised over it
-    with pytest.raises(planmod.BudgetError, match="keeps for them"):
+    with pytest.raises(planmod.BudgetError, match="activation_share=0.4 keeps for them"):
         planmod.plan_for_batch(units, shape, 4, gpu_budget=short, overrides=Overrides(activation_share=0.4), **kw)
+    # a batch that needs between 90% and 95% of the device: refused, not planned at 95%
+    for frac in (0.91, 0.93, 0.945):
+        with pytest.raises(planmod.BudgetError, match="no larger share up to 90%"):
+            planmod.plan_for_batch(units, shape, 4, gpu_budget=int(opts[2].device_bytes / frac), **kw)
     too_small = int(opts[2].device_bytes / planmod.MAX_ACTIVATION_SHARE) - 10
     with pytest.raises(planmod.BudgetError, match="no larger share up to 90%"):
         planmod.plan_for_batch(units, shape, 4, gpu_budget=too_small, **kw)
@@ -189,8 +194,9 @@ def test_batch_is_fitted_into_the_engines_activation_reserve(tiny):
 
 def test_block_inputs_get_host_room_from_states_moved_to_the_disk(tmp_path):
     """Where only recompute with block inputs in host memory fits the device and the arena leaves those
-    inputs too little host memory, a plan with a disk places the states in cpu_memory less the inputs (the
-    rest on the disk); its note names the cpu_memory that makes the engine place the same way."""
+    inputs too little host memory, a plan with a disk keeps that much of cpu_memory free of optimizer state
+    (more states on the disk); its note names the override (activation_host_bytes) that makes the engine
+    place the same way, its arena included (the engine's defers device states into it)."""
     import dataclasses
     model = build_meta_model(load_config(_write_config(dict(TINY, n_embd=256, n_layer=8, n_head=4))))
     units = split_units(model)
@@ -200,17 +206,19 @@ def test_block_inputs_get_host_room_from_states_moved_to_the_disk(tmp_path):
     kw = dict(itemsize=2, device="cuda", nvme=None, grad_accum=1, activations="auto", eager=False)
     full = planmod.engine_placement(units, gpu_budget=gpu, cpu_budget=1 << 30, rates=planmod.DEFAULT_RATES,
                                     defer=False, **kw)
-    cpu = full.arena_bytes + opts[2].host_bytes - 1          # the whole model's states leave 1 B too little
+    cpu = full.arena_bytes + opts[2].host_room - 1           # the whole model's states leave 1 B too little
     with pytest.raises(planmod.BudgetError, match="in host memory"):
         planmod.plan_for_batch(units, deep, 64, gpu_budget=gpu, cpu_budget=cpu, **kw)
     kw["nvme"] = [str(tmp_path)]
     p, act = planmod.plan_for_batch(units, deep, 64, gpu_budget=gpu, cpu_budget=cpu, **kw)
-    assert act.policy == "recompute+offload" and p.host_stash_reserve == act.host_bytes
-    assert p.budgets["cpu"] == cpu and p.arena_bytes + act.host_bytes <= cpu and p.bytes["nvme"] > 0
-    assert any(f"cpu_memory={cpu - act.host_bytes}" in n for n in p.notes)
-    same = planmod.engine_placement(units, gpu_budget=gpu, cpu_budget=cpu - act.host_bytes,
-                                    rates=planmod.DEFAULT_RATES, defer=False, **kw)
-    assert [(u.params_home, u.states_home) for u in same.units] == [(u.params_home, u.states_home) for u in p.units]
+    hold = p.batch_overrides["activation_host_bytes"]
+    assert act.policy == "recompute+offload" and hold == act.host_room == act.host_pinned >= act.host_bytes
+    assert p.budgets["cpu"] == cpu and p.arena_bytes + hold <= cpu and p.bytes["nvme"] > 0
+    assert any(f"'activation_host_bytes': {hold}" in n for n in p.notes)
+    same = planmod.engine_placement(units, gpu_budget=gpu, cpu_budget=cpu, rates=planmod.DEFAULT_RATES,
+                                    overrides=Overrides(activation_host_bytes=hold), **kw)   # defer=True: the engine's
+    assert same.budgets["cpu"] == cpu and same.arena_bytes + hold <= cpu
+    assert [(u.params_home, u.states_target) for u in same.units] == [(u.params_home, u.states_home) for u in p.units]
 
 
 def test_engine_placement_reserves_activations_then_staging_then_assigns_update_sites(tiny):
