@@ -738,7 +738,8 @@ def _no_fit_reason(units, plan, opts, kw, batch, shape):
         return (head + f"with recompute, the block inputs need {fmt_bytes(opts[-2].device_bytes)} of the device, more "
                 f"than any share of gpu_memory up to {MAX_ACTIVATION_SHARE:.0%} leaves beside the model state, or "
                 f"{fmt_bytes(opts[-1].host_room)} in host memory, more than cpu_memory leaves beside the optimizer "
-                f"arena; raise cpu_memory, give the engine a disk (nvme) for optimizer states, or lower --batch")
+                f"arena; raise cpu_memory" + ("" if kw.get("nvme") else ", give the engine a disk (nvme) for "
+                                               "optimizer states") + ", or lower --batch")
     return (head + f"even with recompute and block inputs in host memory activations need "
             f"{fmt_bytes(opts[-1].device_bytes)} of the device, more than the {fmt_bytes(plan.act_reserve)} the engine "
             f"keeps for them ({plan.act_reserve / gpu:.0%} of gpu_memory), and no larger share up to "
