@@ -13,6 +13,8 @@
 #   plan         predicted beside measured step time, three configurations (plan_check.py)       ~4 min
 #                (PLAN_CONFIGS=reference-nvme picks some)
 #   nvme         the NVMe regime, offload and DeepSpeed (NVME_SYSTEMS, NVME_MBS, NVME_ACCUM pick) ~9 min
+#   dist         on a machine with several GPUs (nvidia-h200-x2 and up): the 2-rank NCCL parity test, then
+#                bench/dist_reference.py: offload on 1 and DIST_RANKS (2) GPUs, DeepSpeed on DIST_RANKS   ~9 min
 #   w:ARGS       reference.py's offload worker alone, 3 steps after 2 warm-up, its whole log kept;
 #                ARGS are its extra flags with commas for spaces (w:--activations,recompute); a run
 #                about to hit WORKER_S prints every thread's stack first                          ~1.5 min
@@ -69,6 +71,10 @@ for p in ${PARTS:-tests trace act}; do
     nvme) deepspeed_env; part nvme-regime "${NVME_S:-560}" python3 bench/nvme_regime.py \
              --systems "${NVME_SYSTEMS:-offload,deepspeed}" --mbs "${NVME_MBS:-4}" --grad-accum "${NVME_ACCUM:-1}" \
              --time-budget $(( ${NVME_S:-560} - 20 )) ;;
+    dist) deepspeed_env; part dist-tests "${DIST_TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider \
+             tests/test_dist_gpu.py
+          part dist-reference "${DIST_S:-480}" python3 bench/dist_reference.py --ranks "${DIST_RANKS:-2}" \
+             --timeout 200 ;;
     w:*) args=${p#w:}; part "worker${args//[^a-z0-9]/-}" "${WORKER_S:-200}" \
              env OFFLOAD_STACKS_AFTER=$(( ${WORKER_S:-200} - 15 )) python3 bench/reference.py \
              --worker offload --steps 3 --warmup 2 ${args//,/ } ;;
