@@ -33,7 +33,8 @@ def main(argv=None):
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--systems", default="offload,deepspeed", help="what runs on --ranks (offload also on one)")
-    p.add_argument("--cpu-memory", default="100GiB", help="offload's CPU budget for the whole host")
+    p.add_argument("--cpu-memory", default="100GiB", help="offload's CPU budget per rank (as engine()'s "
+                   "cpu_memory; each rank holds 1/N of the states)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--timeout", type=int, default=240, help="seconds per (system, ranks) run")
