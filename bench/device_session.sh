@@ -73,8 +73,8 @@ for p in ${PARTS:-tests trace act}; do
              --time-budget $(( ${NVME_S:-560} - 20 )) ;;
     dist) deepspeed_env; part dist-tests "${DIST_TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider \
              tests/test_dist_gpu.py
-          part dist-reference "${DIST_S:-480}" python3 bench/dist_reference.py --ranks "${DIST_RANKS:-2}" \
-             --timeout 200 ;;
+          part dist-reference "${DIST_S:-570}" python3 bench/dist_reference.py --ranks "${DIST_RANKS:-2}" \
+             --timeout 170 ;;
     w:*) args=${p#w:}; part "worker${args//[^a-z0-9]/-}" "${WORKER_S:-200}" \
              env OFFLOAD_STACKS_AFTER=$(( ${WORKER_S:-200} - 15 )) python3 bench/reference.py \
              --worker offload --steps 3 --warmup 2 ${args//,/ } ;;

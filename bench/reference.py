@@ -207,7 +207,7 @@ def batch_overrides(a, model):
     knowing the batch, or host room for block inputs (plan.plan_for_batch, as `offload plan --batch` prints
     it): {"activations": the policy that plan picked, "overrides": what it adds to engine()'s overrides};
     else None (the engine's own defaults)."""
-    if a.device != "cuda" or a.activations != "auto" or rank_world()[1] > 1:
+    if a.device != "cuda" or a.activations != "auto":
         return None
     import torch
     from offload import plan as planmod
@@ -215,12 +215,13 @@ def batch_overrides(a, model):
     from offload.machine import machine_rates
     from offload.model_config import model_shape
     from offload.sizes import parse_size
-    units = split_units(model)
+    world = rank_world()[1]     # each rank plans its share, as the engine does: the same plan on every rank
+    units = split_units(model, shards=world)
     budget = int(a.gpu_cap * 2**30)
     plan, act = planmod.plan_for_batch(
         units, model_shape(model, units, a.seq), a.mb, micro_batches=a.grad_accum, rates=machine_rates(torch.device("cuda", torch.cuda.current_device()), room=budget), itemsize=2,
         device="cuda", gpu_budget=budget, cpu_budget=parse_size(a.cpu_memory, "cpu_memory") if a.cpu_memory else None,
-        nvme=a.nvme, grad_accum=a.grad_accum, activations="auto")
+        nvme=a.nvme, grad_accum=a.grad_accum, activations="auto", shards=world, sharded=world > 1)
     if not plan.batch_overrides:
         return None
     return {"activations": act.policy, "overrides": plan.batch_overrides}
@@ -298,8 +299,12 @@ def worker(a):
         dist.all_gather_object(figures, (peak, res["host_rss_gib"]))
         res.update(ranks=world, peak_gpu_gib=max(f[0] for f in figures),
                    host_rss_gib=sum(f[1] for f in figures))
-    if rank == 0:
-        print("RESULT " + json.dumps(res), flush=True)
+    if rank == 0:   # one write: another rank's teardown messages share the pipe
+        sys.stdout.write("RESULT " + json.dumps(res) + "\n")
+        sys.stdout.flush()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def measure_rates(device="cuda", nvme=None):
@@ -395,6 +400,13 @@ def floors(a, rates, moved=None, adam_elems=None, system="offload"):
     return f
 
 
+def _json_or_none(text):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
 def run_worker(cmd, env, timeout, stream=False):
     """Runs a worker; returns (its stdout and stderr, whether it was killed at timeout seconds). stream: echo
     its lines as they come (long runs show progress); otherwise the caller prints the tail."""
@@ -414,8 +426,12 @@ def run_worker(cmd, env, timeout, stream=False):
         proc.wait(timeout=timeout)
         timed_out = False
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        proc.terminate()     # torchrun passes SIGTERM on to its ranks; SIGKILL would orphan them on the GPUs
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
         timed_out = True
     t.join(timeout=10)
     out = "".join(lines)
@@ -481,6 +497,9 @@ def main(argv=None, extra=None, save=True):
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if a.ranks > 1:      # torchrun: a free rendezvous port of its own, one process per rank
             cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(a.ranks)]
+            # torchrun would give each rank one OpenMP thread (DeepSpeed's CPU Adam, torch's CPU ops); a rank
+            # gets its share of the cores instead, as one process gets them all
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // a.ranks)))
         elif system == "deepspeed":
             env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29511")
         print(f"== {system}: {' '.join(cmd)}", flush=True)
@@ -490,7 +509,8 @@ def main(argv=None, extra=None, save=True):
         if os.environ.get("OUT"):
             with open(os.path.join(os.environ["OUT"], f"{a.bench}-{system}.log"), "w") as f:
                 f.write(out)
-        res = next((json.loads(l[7:]) for l in out.splitlines() if l.startswith("RESULT ")), None)
+        res = next((r for r in (_json_or_none(l[7:]) for l in out.splitlines() if l.startswith("RESULT ")) if r),
+                   None)
         if res is None:
             done = [l.split() for l in out.splitlines() if l.startswith("  step ")]   # "  step i: T s loss L"
             fail = ({**(extra or {}), "bench": a.bench, "system": system, "status": "timeout" if timed_out else "failed",

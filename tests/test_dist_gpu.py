@@ -19,8 +19,14 @@ def _torchrun(nproc, device, out):
                OFFLOAD_DIST_TIMEOUT="120")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), WORKER,
            device, str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        proc.terminate()     # torchrun passes SIGTERM on to its ranks; SIGKILL would orphan them on the GPUs
+        stdout, stderr = proc.communicate(timeout=60)
+        pytest.fail("torchrun timed out:\n" + stdout[-3000:] + stderr[-6000:])
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-6000:]
     return torch.load(out)
 
 
