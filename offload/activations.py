@@ -36,7 +36,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from ._native import trace_kind
-from .sizes import fmt_bytes
+from .sizes import fmt_bytes, pinned_bytes
 
 POLICIES = ("keep", "recompute", "recompute+offload", "swap", "auto")
 KIND_SWAP_OUT = trace_kind.ACT_SWAP_OUT
@@ -237,8 +237,7 @@ class HostStash:
         """Starts the copy of t to the host; returns its index."""
         n = t.numel() * t.element_size()
         self.nbytes += n
-        # the ledger counts what is pinned: torch's pinned allocator rounds each request up to 2^k
-        self.sizes.append(1 << max(n - 1, 0).bit_length() if self.cuda and n else n)
+        self.sizes.append(pinned_bytes(n) if self.cuda else n)   # the ledger counts what is pinned
         if self.ledger is not None:
             self._held[0] += self.sizes[-1]
             self.ledger.add(self.sizes[-1])

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 
 from .errors import BudgetError, ConfigError
 from .overrides import NONE as NO_OVERRIDES
-from .sizes import fmt_bytes
+from .sizes import fmt_bytes, pinned_bytes
 
 ARENA_ALIGN = 4096
 STATE_BYTES = 12       # fp32 master + exp_avg + exp_avg_sq per trainable element
@@ -618,7 +618,7 @@ def activation_options(shape, batch, itemsize):
     block = LAYER_ACT_BYTES * tok * shape.hidden * itemsize // 2
     block_in = tok * shape.hidden * itemsize
     logits = tok * shape.vocab * (itemsize + LOGIT_EXTRA_BYTES)
-    pinned = 1 << max(block_in - 1, 0).bit_length()
+    pinned = pinned_bytes(block_in)
     return [ActivationPlan("keep", shape.layers * block + logits),
             ActivationPlan("recompute", shape.layers * block_in + block + logits),
             ActivationPlan("recompute+offload", 2 * block_in + block + logits, shape.layers * block_in,

@@ -29,3 +29,9 @@ def fmt_bytes(n):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
+
+
+def pinned_bytes(n):
+    """What n bytes take in pinned host memory from torch's pinned allocator, which rounds every request up to
+    a power of two."""
+    return 1 << max(n - 1, 0).bit_length() if n else 0
