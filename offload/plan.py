@@ -647,12 +647,16 @@ def plan_for_batch(units, shape, batch, rates=None, micro_batches=1, **kw):
         return min(fits, key=lambda a: step_s(p, a)) if priced else fits[0]
     fits = _fitting(units, plan, opts, kw)
     if fits:
-        return plan, best(plan, fits)
+        act = best(plan, fits)
+        return _after_first_step(units, plan, act, shape, tokens, kw, micro_batches) if priced else plan, act
     found = _refit(units, plan, opts, kw) if plan.budgets.get("gpu") else []
     if not found:
         raise BudgetError(_no_fit_reason(units, plan, opts, kw, batch, shape))
     cand, added, fits = min(found, key=lambda f: step_s(f[0], best(f[0], f[2]))) if priced else found[0]
     act = best(cand, fits)
+    if priced:
+        ckw = dict(kw, overrides=replace(kw.get("overrides", NO_OVERRIDES), **added))
+        cand = _after_first_step(units, cand, act, shape, tokens, ckw, micro_batches)
     cand.batch_overrides = added
     gpu = cand.budgets["gpu"]
     if "activation_share" in added:
@@ -666,6 +670,46 @@ def plan_for_batch(units, shape, batch, rates=None, micro_batches=1, **kw):
     cand.notes.append(f"a run gets this plan with engine(..., activations={act.policy!r}) and, in its overrides, "
                       + ", ".join(f"{k!r}: {v}" for k, v in added.items()))
     return cand, act
+
+
+def _after_first_step(units, plan, act, shape, tokens, kw, micro_batches):
+    """The placement a run holds from its second step on, where the engine's choice after the first step
+    (engine._plan_promotion) leaves states planned for the device in host memory: with activations "auto",
+    the states deferred to the arena for the first step move onto the device, in placement order, only while
+    the CPU AdamW of what stays on the host would not hide under backward; the device room they would take
+    goes to activations instead. Priced here with the step model's forward (the engine times the first
+    step's). plan unchanged where every deferred unit moves."""
+    from . import act_auto
+    rates = kw["rates"]
+    if kw.get("activations") != "auto" or not rates.get("cpu_adam_gparams_s"):
+        return plan
+    held = engine_placement(units, defer=True, **kw)
+    deferred = [p for p in held.units if p.promote]
+    if not deferred:
+        return plan
+    model_flops, _ = training_flops(shape, tokens, act.recompute)
+    fwd_s = model_flops / 3 / micro_batches / (rates["gpu_tflops"] * 1e12 * COMPUTE_EFFICIENCY)
+    hides_s = act_auto.SWAP_HIDE_SHARE * (act_auto.BACKWARD_PLUS_FORWARD - 1) * fwd_s
+    rate = rates["cpu_adam_gparams_s"] * 1e9
+    host = sum(p.numel_train // p.shards for p in held.units
+               if p.states_home in ("cpu", "nvme") and p.update_on == "host")
+    stay = 0
+    for p in deferred:
+        p.promote = False
+        if host / rate <= hides_s:      # the CPU AdamW already hides: this unit's states stay in host memory
+            stay += 1
+            continue
+        p.states_home = "gpu"
+        held.bytes["gpu"] += p.numel_train * STATE_BYTES
+        held.bytes["cpu"] -= p.numel_train * STATE_BYTES
+        host -= p.numel_train // p.shards
+    if not stay:
+        return plan
+    held.notes = [n for n in held.notes if not n.startswith("gpu*:")] + [
+        f"after the first step the engine keeps the states of {stay} of the {len(deferred)} units planned for the "
+        f"device in host memory: the CPU AdamW of what stays there ({host / rate:.3f} s) hides under backward "
+        f"({hides_s:.3f} s), so the device room goes to activations"]
+    return held
 
 
 def _engine_arena(units, kw):

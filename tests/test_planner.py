@@ -150,8 +150,11 @@ def test_batch_is_fitted_into_the_engines_activation_reserve(tiny):
     slow_gpu = dict(PROFILE, gpu_tflops=1e-3)
     p2, act = planmod.plan_for_batch(units, shape, 4, rates=slow_gpu, gpu_budget=budget, **kw)
     assert act.policy == "keep"
+    # (on so slow a GPU the CPU AdamW hides under backward, so the states the engine defers for the first
+    # step stay in host memory after it: test_plan_keeps_states_on_the_host_where_the_engine_would...)
+    eng = planmod.engine_placement(units, gpu_budget=budget, rates=slow_gpu, **kw)
     assert [(u.params_home, u.states_home) for u in p2.units] == [
-        (u.params_home, u.states_target) for u in planmod.engine_placement(units, gpu_budget=budget, rates=slow_gpu, **kw).units]
+        (u.params_home, "cpu" if u.promote else u.states_target) for u in eng.units]
     # a batch the default reserve cannot hold: the plan keeps more of the device for activations (less
     # model state there), says which override gets it, and the engine's placement with it is the same
     short = int(opts[2].device_bytes / planmod.ACTIVATION_SHARE) - 10
@@ -451,3 +454,24 @@ def test_placement_without_device_adamw_is_priced_at_the_given_rates(tiny):
     fast = planmod.engine_placement(units, rates=dict(PROFILE, pcie_gb_s=100.0, pcie_h2d_gb_s=100.0,
                                                         pcie_d2h_gb_s=100.0), **kw)
     assert slow.resource_s["pcie"] > 50 * fast.resource_s["pcie"] > 0
+
+
+def test_plan_keeps_states_on_the_host_where_the_engine_would_after_its_first_step(tiny):
+    """With activations "auto" the engine moves the states it deferred for the first step onto the device only
+    while the CPU AdamW of what stays on the host would not hide under backward (engine._plan_promotion);
+    plan_for_batch shows the placement a run holds from then on. A slow GPU (long backward): every deferred
+    unit stays on the host. A fast one: all move, and the plan is the steady state offload plan showed before."""
+    units, shape = tiny
+    kw = dict(itemsize=2, device="cuda", gpu_budget=64 << 20, cpu_budget=1 << 30, nvme=None, grad_accum=1,
+              activations="auto", eager=False)
+    deferred = [p.name for p in planmod.engine_placement(units, rates=PROFILE, **kw).units if p.promote]
+    assert deferred                       # the budget puts states on the device, deferred for the first step
+    slow = dict(PROFILE, gpu_tflops=1e-6, cpu_adam_gparams_s=1.0)
+    p, act = planmod.plan_for_batch(units, shape, 4, rates=slow, **kw)
+    homes = {u.name: u.states_home for u in p.units}
+    assert all(homes[n] == "cpu" for n in deferred) and not any(u.promote for u in p.units)
+    assert any(f"keeps the states of {len(deferred)} of the {len(deferred)} units" in n for n in p.notes)
+    fast = dict(PROFILE, gpu_tflops=1e6, cpu_adam_gparams_s=1e-3)
+    p, act = planmod.plan_for_batch(units, shape, 4, rates=fast, **kw)
+    assert all(u.states_home == "gpu" for u in p.units if u.name in deferred)
+    assert not any("after the first step" in n for n in p.notes)
