@@ -3,7 +3,8 @@
 The plan keeps the engine's own device bytes (resident model state, the streaming buffers) within gpu_memory
 and leaves a share of it for activations; it cannot bound the activations of a batch nor memory that other
 processes take. When the device runs out anyway, the user needs the numbers and the knob: gpu_memory (lower
-it and the engine keeps less on the device), the activation policy, or the batch.
+it and the engine keeps less on the device), the activation policy, or the batch, and where to get a plan
+made for that batch (`offload plan --batch`).
 """
 import contextlib
 
@@ -36,7 +37,8 @@ def device_memory_error(plan, device, phase, unit_name, act_reserve, cause):
            f"of model state and {fmt_bytes(plan.buffers.get('gpu_stream', 0))} of streaming buffers there and "
            f"leaves {fmt_bytes(act_reserve)} for activations{_device_figures(device)}. Activations or other "
            f"processes need more than is left: lower gpu_memory (the engine then keeps less on the device), use "
-           f"activations='recompute', or a smaller batch. ({cause})")
+           f"activations='recompute', or a smaller batch; `offload plan --batch B --seq S` plans for this batch "
+           f"and prints the activations= and overrides that fit it. ({cause})")
     return DeviceMemoryError(msg)
 
 

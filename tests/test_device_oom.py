@@ -24,7 +24,7 @@ def _assert_names_the_budget(err, eng, where):
     assert f"in {where}, under gpu_memory={fmt_bytes(eng.plan.budgets['gpu'])}:" in msg, msg
     assert f"keeps {fmt_bytes(eng.plan.bytes['gpu'])} of model state" in msg, msg
     assert f"{fmt_bytes(eng.plan.buffers['gpu_stream'])} of streaming buffers" in msg, msg
-    assert "lower gpu_memory" in msg and "activations='recompute'" in msg, msg
+    assert "lower gpu_memory" in msg and "activations='recompute'" in msg and "offload plan --batch" in msg, msg
     return msg
 
 
