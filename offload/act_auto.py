@@ -40,6 +40,11 @@ HOST_SHARE = 0.9        # of the CPU memory beside the arena that activation cop
 BACKWARD_PLUS_FORWARD = 3.0   # a step's compute in forwards (backward costs about two)
 
 
+def backward_hides_s(fwd_s):
+    """How long work beside backward may run and still hide under it, for a forward of fwd_s seconds."""
+    return SWAP_HIDE_SHARE * (BACKWARD_PLUS_FORWARD - 1) * fwd_s
+
+
 def start_timer(device):
     ev = torch.cuda.Event(enable_timing=True)
     ev.record(torch.cuda.current_stream(device))

@@ -200,15 +200,16 @@ class HostLedger:
             warnings.warn(f"activation copies hold {fmt_bytes(self.live)} of pinned host memory, more than the "
                           f"{fmt_bytes(max(self.room, 0))} cpu_memory leaves beside the optimizer arena: this process "
                           f"uses more host memory than cpu_memory. `offload plan --batch B --seq S` prints the "
-                          f"cpu_memory to give engine() so that the states leave the copies room (more of them on "
-                          f"the disk), or lower the batch", RuntimeWarning, stacklevel=2)
+                          f"overrides (activation_host_bytes) that keep the copies room free of optimizer state "
+                          f"(more states on the disk), or lower the batch", RuntimeWarning, stacklevel=2)
 
     def sub(self, n):
         self.live -= n
 
-    def release(self, cell):
-        self.sub(cell[0])
-        cell[0] = 0
+    def release(self, sizes):
+        """A stash's copies that backward never took (sizes: their bytes, 0 for those taken) go with it."""
+        self.sub(sum(sizes))
+        sizes.clear()
 
 
 class HostStash:
@@ -228,10 +229,9 @@ class HostStash:
         self.profiler, self.unit = profiler, unit
         self.t_out = None
         self.ledger = ledger
-        self.sizes = []
+        self.sizes = []          # bytes each copy holds pinned; 0 once backward took it
         if ledger is not None:   # each copy is freed when backward takes it (get); what is left, with the stash
-            self._held = [0]
-            weakref.finalize(self, ledger.release, self._held)
+            weakref.finalize(self, ledger.release, self.sizes)
 
     def put(self, t):
         """Starts the copy of t to the host; returns its index."""
@@ -239,7 +239,6 @@ class HostStash:
         self.nbytes += n
         self.sizes.append(pinned_bytes(n) if self.cuda else n)   # the ledger counts what is pinned
         if self.ledger is not None:
-            self._held[0] += self.sizes[-1]
             self.ledger.add(self.sizes[-1])
         if not self.cuda:
             if self.profiler and self.t_out is None:
@@ -290,10 +289,9 @@ class HostStash:
         t = self.back[i]
         self.back[i] = None
         self.host[i] = None
-        if self.ledger is not None and self.sizes[i]:
-            self._held[0] -= self.sizes[i]
+        if self.ledger is not None:
             self.ledger.sub(self.sizes[i])
-            self.sizes[i] = 0
+        self.sizes[i] = 0
         if self.cuda:
             cur = torch.cuda.current_stream(self.device)
             cur.wait_event(self.back_event)

@@ -486,22 +486,23 @@ class Engine:
         room = act_auto.device_room(budget, self.device)
         auto = any(u.plan.activations == "auto" for u in self.units if u.kind == "block")
         fwd_s = fwd_s if auto else None
-        hides_s = act_auto.SWAP_HIDE_SHARE * (act_auto.BACKWARD_PLUS_FORWARD - 1) * fwd_s if fwd_s else None
+        hides_s = act_auto.backward_hides_s(fwd_s) if fwd_s else None
         host = sum(p.numel_train // p.shards for p in self.plan.units
                    if p.states_home in ("cpu", "nvme") and p.update_on == "host")
         rate = cpu_adam_rate(self.device) if hides_s is not None else None
 
         def cpu_hides():   # the CPU AdamW left on the host already hides under backward
             return hides_s is not None and host / rate <= hides_s
-        claimed = 0
-        for u in deferred:
+
+        def fits(u):       # the room the first step's peak left, claimed by each unit that moves
+            nonlocal room
             need = plan_mod.device_state_bytes(u.shard.train)
-            if need > room or cpu_hides():
-                continue
-            self._promoting.append(u)
+            if need > room:
+                return False
             room -= need
-            claimed += need
-            host -= u.shard.train
+            return True
+        self._promoting, host = plan_mod.promoted_states(deferred, host, rate, hides_s, lambda u: u.shard.train, fits)
+        claimed = sum(plan_mod.device_state_bytes(u.shard.train) for u in self._promoting)
         for u in deferred:
             u.plan.promote = False
         moved = sum(u.shard.train * plan_mod.STATE_BYTES for u in self._promoting)

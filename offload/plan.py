@@ -689,27 +689,42 @@ def _after_first_step(units, plan, act, shape, tokens, kw, micro_batches):
         return plan
     model_flops, _ = training_flops(shape, tokens, act.recompute)
     fwd_s = model_flops / 3 / micro_batches / (rates["gpu_tflops"] * 1e12 * COMPUTE_EFFICIENCY)
-    hides_s = act_auto.SWAP_HIDE_SHARE * (act_auto.BACKWARD_PLUS_FORWARD - 1) * fwd_s
+    hides_s = act_auto.backward_hides_s(fwd_s)
     rate = rates["cpu_adam_gparams_s"] * 1e9
     host = sum(p.numel_train // p.shards for p in held.units
                if p.states_home in ("cpu", "nvme") and p.update_on == "host")
-    stay = 0
+    moved, host = promoted_states(deferred, host, rate, hides_s, lambda p: p.numel_train // p.shards)
+    stay = len(deferred) - len(moved)
+    if not stay:
+        return plan
     for p in deferred:
         p.promote = False
-        if host / rate <= hides_s:      # the CPU AdamW already hides: this unit's states stay in host memory
-            stay += 1
-            continue
+    for p in moved:
         p.states_home = "gpu"
         held.bytes["gpu"] += p.numel_train * STATE_BYTES
         held.bytes["cpu"] -= p.numel_train * STATE_BYTES
-        host -= p.numel_train // p.shards
-    if not stay:
-        return plan
     held.notes = [n for n in held.notes if not n.startswith("gpu*:")] + [
         f"after the first step the engine keeps the states of {stay} of the {len(deferred)} units planned for the "
         f"device in host memory: the CPU AdamW of what stays there ({host / rate:.3f} s) hides under backward "
         f"({hides_s:.3f} s), so the device room goes to activations"]
     return held
+
+
+def promoted_states(deferred, host, rate, hides_s, elems, fits=lambda d: True):
+    """The rule of Note [device states after the first step], which engine._plan_promotion applies after the
+    first step and plan_for_batch predicts: walking the deferred units in placement order, one moves onto the
+    device where fits(it) (the caller's device room, which a True answer claims) unless the CPU AdamW of what
+    stays on the host (host elements at rate elements/s) already hides under backward (hides_s; None: never
+    counted as hidden). elems(unit): its elements the CPU AdamW would update. Returns (the units that move,
+    the host elements left)."""
+    moved = []
+    for d in deferred:
+        if hides_s is not None and host / rate <= hides_s:
+            continue
+        if fits(d):
+            moved.append(d)
+            host -= elems(d)
+    return moved, host
 
 
 def _engine_arena(units, kw):
