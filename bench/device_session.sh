@@ -15,6 +15,7 @@
 #   nvme         the NVMe regime, offload and DeepSpeed (NVME_SYSTEMS, NVME_MBS, NVME_ACCUM pick) ~9 min
 #   dist         on a machine with several GPUs (nvidia-h200-x2 and up): the 2-rank NCCL parity test, then
 #                bench/dist_reference.py: offload on 1 and DIST_RANKS (2) GPUs, DeepSpeed on DIST_RANKS   ~9 min
+#   overhead     bench/host_overhead.py on the GPU, optimizer states on the host and on the device      ~1 min
 #   w:ARGS       reference.py's offload worker alone, 3 steps after 2 warm-up, its whole log kept;
 #                ARGS are its extra flags with commas for spaces (w:--activations,recompute); a run
 #                about to hit WORKER_S prints every thread's stack first                          ~1.5 min
@@ -75,6 +76,8 @@ for p in ${PARTS:-tests trace act}; do
              tests/test_dist_gpu.py
           part dist-reference "${DIST_S:-570}" python3 bench/dist_reference.py --ranks "${DIST_RANKS:-2}" \
              --timeout 170 ;;
+    overhead) part host-overhead "${OVERHEAD_S:-150}" bash -c "python3 bench/host_overhead.py --device cuda --tier cpu \
+             && python3 bench/host_overhead.py --device cuda --tier device" ;;
     w:*) args=${p#w:}; part "worker${args//[^a-z0-9]/-}" "${WORKER_S:-200}" \
              env OFFLOAD_STACKS_AFTER=$(( ${WORKER_S:-200} - 15 )) python3 bench/reference.py \
              --worker offload --steps 3 --warmup 2 ${args//,/ } ;;

@@ -13,6 +13,16 @@ attention, no recompute), peak_gpu_gib, host_rss_gib, floors from rates measured
 --weights random builds the model on the meta device and lets the engine initialise it (RandomInit), so
 the host never holds a whole-model copy. A worker killed by --timeout still leaves a row: status "timeout"
 with the steps it finished.
+
+Note [step timing]: a training loop reads its loss every step (to log it), which waits for the stream that
+computed it and nothing else; work the step left on other streams and threads (offload's CPU AdamW and its
+device-side AdamW's state copies) goes on under the next forward, which waits unit by unit for exactly the
+updates it needs. --timing loss (the default since 2026-12-02) times that loop: a step lasts from one loss
+read to the next. Every system is timed the same way; GPU-resident PyTorch and DeepSpeed leave nothing
+behind a step, so for them it is the same as synchronising. window_step_s checks the median: the mean over
+the timed steps from a full synchronisation before the first to one after the last, with offload's queued
+updates drained, so a backlog carried past the window is paid inside it. --timing device (every row before
+2026-12-02's fourth session) synchronises the whole device around every step, which forbids that overlap.
 """
 import argparse
 import faulthandler
@@ -123,26 +133,46 @@ def steady_state_counters():
             "live_tensors": sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))}
 
 
-def timed_steps(a, step_fn, counters=None):
+def timed_steps(a, step_fn, counters=None, drain=None, window=None):
     """Times warm-up + steps; with counters (a dict), fills it with the growth of steady_state_counters()
-    per timed step."""
+    per timed step. --timing (Note [step timing]): "loss" takes each step's time between the moments its
+    loss is read (a host sync on the stream that computed it, as a loop that logs the loss makes), "device"
+    synchronises the whole device before and after every step. window (a dict): gets the timed steps' mean
+    from a full sync before the first to a full sync (and drain(): the engine's queued updates) after the
+    last."""
     times, losses = [], []
     data = batches(a, a.device)
     if a.same_batch:      # one batch every step: the loss must fall (bench/scale.py checks that it does)
         data = data[:1]
     counters = counters if a.device == "cuda" else None
+    per_step_sync = getattr(a, "timing", "device") == "device"
+    t = None
     for i in range(a.warmup + a.steps):
-        if counters is not None and i == a.warmup:
+        if i == a.warmup:
             _sync(a)
-            before = steady_state_counters()
-        _sync(a)
-        t = time.perf_counter()
+            if drain is not None:
+                drain()
+            if counters is not None:
+                before = steady_state_counters()
+            t = t_window = time.perf_counter()
+        if per_step_sync or t is None:
+            _sync(a)
+            t = time.perf_counter()
         loss = step_fn(data[i % len(data)])
-        _sync(a)
-        times.append(time.perf_counter() - t)
+        if per_step_sync:
+            _sync(a)
         losses.append(float(loss))
+        now = time.perf_counter()
+        times.append(now - t)
+        t = now
         if rank_world()[0] == 0:
             print(f"  step {i}: {times[-1]:.3f} s loss {losses[-1]:.4f}", flush=True)
+    if a.steps:
+        _sync(a)
+        if drain is not None:
+            drain()
+        if window is not None:
+            window["window_step_s"] = (time.perf_counter() - t_window) / a.steps
     if counters is not None and a.steps:
         after = steady_state_counters()
         counters.update({k: (after[k] - before[k]) / a.steps for k in after})
@@ -189,11 +219,11 @@ def run_offload(a):
             eng.backward(out.loss)
         eng.step()
         return out.loss.detach()
-    growth = {}
-    times, losses = timed_steps(a, step, growth)
+    growth, window = {}, {}
+    times, losses = timed_steps(a, step, growth, drain=eng.sync, window=window)
     eng.sync()
     print(eng.plan, flush=True)   # again: "auto" writes its per-block choice after the first step
-    extra = {"batch_overrides": overrides, "act_plan": [n for n in eng.plan.notes if n.startswith("activations")], "setup_s": round(setup_s, 1),
+    extra = {**window, "batch_overrides": overrides, "act_plan": [n for n in eng.plan.notes if n.startswith("activations")], "setup_s": round(setup_s, 1),
              "steady_state_growth_per_step": growth, "plan_bytes": eng.plan.bytes, "moved": eng.tiers.moved,
              "moved_steps": {k: v - moved_setup.get(k, 0) for k, v in eng.tiers.moved.items()},
              "predicted_step_s": eng.plan.predicted_step_s, "bottleneck_planned": eng.plan.bottleneck,
@@ -248,7 +278,8 @@ def run_pytorch(a):
         opt.step()
         opt.zero_grad(set_to_none=True)
         return out.loss.detach()
-    return (*timed_steps(a, step), {})
+    window = {}
+    return (*timed_steps(a, step, window=window), window)
 
 
 def run_deepspeed(a):
@@ -274,7 +305,8 @@ def run_deepspeed(a):
         eng.backward(out.loss)
         eng.step()
         return out.loss.detach()
-    return (*timed_steps(a, step), {})
+    window = {}
+    return (*timed_steps(a, step, window=window), window)
 
 
 def worker(a):
@@ -476,6 +508,9 @@ def main(argv=None, extra=None, save=True):
     p.add_argument("--rates", default=None, help="JSON of rates measured by the caller (skips measuring)")
     p.add_argument("--same-batch", action="store_true", help="train on one batch every step (the loss must fall)")
     p.add_argument("--stream", action="store_true", help="echo the workers' output as it comes")
+    p.add_argument("--timing", default="loss", choices=("loss", "device"),
+                   help="loss: a step ends when its loss is read (Note [step timing]); device: the whole device "
+                        "is synchronised before and after every step")
     a = p.parse_args(argv)
     if a.grad_accum < 1 or a.grad_accum > 1 and set(a.systems.split(",") if not a.worker else [a.worker]) - {"offload"}:
         p.error("--grad-accum: a positive count, with --systems offload only")
@@ -552,7 +587,8 @@ def main(argv=None, extra=None, save=True):
             row["grad_accum"] = a.grad_accum
         if system == "offload" and a.device_update_share is not None:
             row["device_update_share"] = a.device_update_share
-        for k in ("setup_s", "plan_bytes", "moved", "moved_steps", "predicted_step_s", "act_plan",
+        row["timing"] = a.timing
+        for k in ("window_step_s", "setup_s", "plan_bytes", "moved", "moved_steps", "predicted_step_s", "act_plan",
                   "steady_state_growth_per_step", "adam_host_elems", "batch_overrides"):
             if k in res:
                 row[k] = res[k]

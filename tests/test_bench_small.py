@@ -42,6 +42,8 @@ def test_scale_picks_the_largest_tiny_size_and_trains_it(tmp_path):
     assert row["loss_falling"] and len(row["losses"]) == 3 and row["rss_within_budget"]
     assert row["plan_bytes"] == row["plan_bytes_predicted"] and row["plan_bytes"]["nvme"] > 0
     assert row["moved_steps"]["disk_read"] > 0 and row["setup_s"] is not None and row["predicted_step_s"] is not None
+    # Note [step timing] in bench/reference.py: steps end at the loss read; the drained window's mean beside them
+    assert row["timing"] == "loss" and 0 < row["window_step_s"] < 10 * max(row["step_times"])
     assert not os.listdir(tmp_path / "nvme")       # swap files removed
 
 
