@@ -189,6 +189,9 @@ def run_offload(a):
     if a.device_update_share is not None:   # a sweep of the planner's CPU/device AdamW split
         from offload import plan as plan_mod
         plan_mod.DEVICE_UPDATE_SHARE = a.device_update_share
+    if a.device_update_order is not None:
+        from offload import plan as plan_mod
+        plan_mod.DEVICE_UPDATE_ORDER = a.device_update_order
     weights = None
     if a.weights == "random":
         from transformers import LlamaForCausalLM
@@ -499,6 +502,8 @@ def main(argv=None, extra=None, save=True):
     p.add_argument("--trace", default=None)
     p.add_argument("--device-update-share", type=float, default=None,
                    help="offload: the share of arena-state AdamW run on the GPU instead of the planner's")
+    p.add_argument("--device-update-order", default=None, choices=("interleave", "last"),
+                   help="offload: which units the device-side AdamW takes (an experiment on the planner's choice)")
     p.add_argument("--disk-gb-s", type=float, default=None, help="measured disk rate for the disk floor")
     p.add_argument("--timeout", type=int, default=900, help="seconds per system (its worker process)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: offload worker only, tiny sizes")
