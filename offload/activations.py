@@ -212,13 +212,39 @@ class HostLedger:
         sizes.clear()
 
 
+class PinnedPool:
+    """Pinned host buffers for activation copies, kept from one step to the next. A step's copies have the
+    sizes of the last step's, so in the steady state every copy takes a buffer from here instead of asking
+    torch's caching host allocator for one (an allocation per saved tensor per step). Buffers are bucketed
+    by pinned_bytes (torch's own 2^k rounding), so the pool pins what torch's cache would have. A buffer
+    comes back with the event of the host->device copy that reads it last; the next copy into it is ordered
+    after that event on its stream, so no host thread waits. alloc(nbytes) makes a new uint8 buffer."""
+
+    def __init__(self, alloc=None):
+        self.alloc = alloc or (lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=True))
+        self.free = {}           # pinned size -> [(buffer, event of its last reader or None)]
+        self.made = 0            # buffers allocated, ever (a steady state stops adding to it)
+
+    def take(self, nbytes):
+        """A buffer of at least nbytes and the event its next writer must wait for (None: none)."""
+        bucket = self.free.get(pinned_bytes(nbytes))
+        if bucket:
+            return bucket.pop()
+        self.made += 1
+        return self.alloc(pinned_bytes(nbytes)), None
+
+    def give(self, buf, event):
+        self.free.setdefault(buf.numel(), []).append((buf, event))
+
+
 class HostStash:
     """Host copies of one block call's tensors: out on the device->host stream during forward, back on the
     host->device stream when prefetched (Note [swap-in prefetch]). On a CPU device the "host copy" is a
     clone, so the original can be freed and the same code paths run in CI. ledger: a HostLedger counting
-    the copies' bytes while the stash lives."""
+    the copies' bytes while the stash lives; pool: the PinnedPool its copies' buffers come from and go back
+    to when backward takes them (None: torch's caching host allocator)."""
 
-    def __init__(self, device, d2h, h2d, profiler=None, unit=0, ledger=None):
+    def __init__(self, device, d2h, h2d, profiler=None, unit=0, ledger=None, pool=None):
         self.device, self.d2h, self.h2d = device, d2h, h2d
         self.cuda = device.type == "cuda"
         self.host = []      # host tensors
@@ -230,6 +256,8 @@ class HostStash:
         self.t_out = None
         self.ledger = ledger
         self.sizes = []          # bytes each copy holds pinned; 0 once backward took it
+        self.pool = pool
+        self.bufs = []           # each copy's pool buffer (None without a pool, or once given back)
         if ledger is not None:   # each copy is freed when backward takes it (get); what is left, with the stash
             weakref.finalize(self, ledger.release, self.sizes)
 
@@ -245,8 +273,16 @@ class HostStash:
                 self.t_out = self.profiler.begin_work(KIND_SWAP_OUT, self.unit)
             self.host.append(t.detach().clone())
             return len(self.host) - 1
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        buf = reader = None
+        if self.pool is not None:
+            buf, reader = self.pool.take(n)
+            host = buf[:n].view(t.dtype).view(t.shape)
+        else:
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        self.bufs.append(buf)
         self.d2h.wait_stream(torch.cuda.current_stream(self.device))
+        if reader is not None:   # the buffer's last copy back to the device has read it
+            self.d2h.wait_event(reader)
         with torch.cuda.stream(self.d2h):
             if self.profiler and self.t_out is None:   # timed on the copy stream, from the first copy out
                 self.t_out = self.profiler.begin_work(KIND_SWAP_OUT, self.unit, self.d2h)
@@ -296,6 +332,9 @@ class HostStash:
             cur = torch.cuda.current_stream(self.device)
             cur.wait_event(self.back_event)
             t.record_stream(cur)
+            if self.bufs[i] is not None:   # its copy back was issued before back_event: reusable after it
+                self.pool.give(self.bufs[i], self.back_event)
+                self.bufs[i] = None
         return t
 
 
@@ -325,12 +364,12 @@ class SwapScope:
 
 
 def open_scope(policy, module, args, kwargs, *, unit, device, d2h, h2d, profiler, param_storages, on_recompute,
-               prev, ledger=None):
+               prev, ledger=None, pool=None):
     """The saved-tensor scope of one block call under `policy` ("keep" and "auto" still undecided: None)."""
     if policy == "recompute":
         return RecomputeScope(module, args, kwargs, device, on_recompute)
     if policy in ("swap", "recompute+offload") or isinstance(policy, float):
-        stash = HostStash(device, d2h, h2d, profiler, unit.index, ledger)
+        stash = HostStash(device, d2h, h2d, profiler, unit.index, ledger, pool)
         if policy == "recompute+offload":
             return OffloadedRecomputeScope(module, args, kwargs, device, on_recompute, stash, prev)
         if policy == "swap":

@@ -21,7 +21,7 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from . import act_auto
-from .activations import HostLedger, open_scope
+from .activations import HostLedger, PinnedPool, open_scope
 from .groups import UnitState
 from .profiler import KIND_BACKWARD, KIND_FORWARD
 
@@ -75,6 +75,7 @@ class Streamer:
         self.last_scope = None
         cpu = plan.budgets.get("cpu")   # on a CPU device the copies are clones in the same memory as the model
         self.host_ledger = HostLedger(cpu - plan.arena_bytes if cpu is not None and self.cuda else None)
+        self.host_pool = PinnedPool() if self.cuda else None   # on a CPU device the copies are clones
 
     # ---- installation ---------------------------------------------------------------------------------
     def install(self):
@@ -214,7 +215,8 @@ class Streamer:
             policy = self._policy(u, sum(flat[i].numel() * flat[i].element_size() for i in idx))
             call.scope = open_scope(policy, module, args, kwargs, unit=u, device=self.device, d2h=self.tiers.d2h,
                                     h2d=self.tiers.h2d, profiler=self.profiler, param_storages=self._param_storages,
-                                    on_recompute=self._recompute_ctx, prev=self.last_scope, ledger=self.host_ledger)
+                                    on_recompute=self._recompute_ctx, prev=self.last_scope, ledger=self.host_ledger,
+                                    pool=self.host_pool)
             if call.scope is not None:
                 if getattr(call.scope, "stash", None) is not None:
                     self.last_scope = call.scope   # Note [swap-in prefetch]

@@ -355,6 +355,32 @@ def test_auto_nothing_recomputed_changes_nothing():
     assert choose([], 100 * MiB, 1.0, 1 << 40, 10e9, 1 << 40) == {}
 
 
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 5000)), max_size=60))
+def test_pinned_pool_never_hands_out_a_held_buffer_and_reuses_returned_ones(ops):
+    """PinnedPool (plain CPU buffers here): a buffer taken is not handed out again until it comes back, with
+    the event it came back with; it holds at least what was asked, in pinned_bytes' rounding; a request of a
+    size class that has a returned buffer makes none."""
+    from offload.activations import PinnedPool
+    from offload.sizes import pinned_bytes
+    pool = PinnedPool(alloc=lambda n: torch.empty(n, dtype=torch.uint8))
+    held, back = [], {}
+    for give, n in ops:
+        if give and held:
+            buf = held.pop(n % len(held))
+            ev = object()
+            back[buf.data_ptr()] = ev
+            pool.give(buf, ev)
+            continue
+        had = len(pool.free.get(pinned_bytes(n), []))
+        made = pool.made
+        buf, ev = pool.take(n)
+        assert buf.numel() == pinned_bytes(n) >= n
+        assert all(buf.data_ptr() != h.data_ptr() for h in held)
+        assert pool.made == made + (0 if had else 1)
+        assert ev is back.pop(buf.data_ptr(), None)
+        held.append(buf)
+
+
 # ---------------------------------------------------------------------------------------------- GPU
 
 @pytest.mark.gpu
@@ -399,3 +425,36 @@ def test_gpu_split_gradients_equal_swap():
     assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(la, lb)), (la, lb)
     for k in sa:
         torch.testing.assert_close(sb[k], sa[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_swap_reuses_its_pinned_buffers_and_equals_keep():
+    """fp32 on the GPU under "swap": after the first step every host copy takes a buffer of the engine's
+    PinnedPool (none is made), and buffers reused across steps carry the right values: losses and weights
+    equal those of "keep" exactly (swap stores every tensor as it is)."""
+    model = make_gpt().cuda()
+    data = [{k: v.cuda() for k, v in b.items()} for b in token_batches(4)]
+    results, made = {}, []
+    for policy in ("keep", "swap"):
+        m = copy.deepcopy(model)
+        eng = offload.engine(m, optimizer=offload.AdamW(**HP), device="cuda", dtype=torch.float32,
+                             activations=policy)
+        losses = []
+        try:
+            for b in data:
+                loss = eng(**b).loss
+                eng.backward(loss)
+                eng.step()
+                losses.append(loss.item())
+                if policy == "swap":
+                    made.append(eng.streamer.host_pool.made)
+            eng.sync()
+            results[policy] = (losses, eng.state_dict())
+        finally:
+            eng.close()
+    assert made[0] > 0 and made[1:] == [made[0]] * (len(data) - 1), made
+    (la, sa), (lb, sb) = results["keep"], results["swap"]
+    assert la == lb
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
