@@ -8,6 +8,7 @@
 #                (ACT_WORKLOADS=long-context,reference ACT_POLICIES=auto,recompute,keep pick others)
 #   probe        `offload probe` of this machine and its disk, the profile kept as machine.json       ~1 min
 #   reference    offload vs DeepSpeed ZeRO-3 CPU vs GPU-resident PyTorch, one run                  ~8 min
+#                (REF_SYSTEMS=offload picks some)
 #   lora         LoRA rank 16 on the largest preset that fits (bench/lora.py; LORA_ARGS adds flags) ~5 min
 #   scale        the largest LLaMA-shaped model that trains under 24 GiB (bench/scale.py)           ~6 min
 #   plan         predicted beside measured step time, three configurations (plan_check.py)       ~4 min
@@ -64,7 +65,7 @@ for p in ${PARTS:-tests trace act}; do
     probe) mkdir -p /tmp/offload-nvme; part probe "${PROBE_S:-120}" python3 -m offload probe --nvme /tmp/offload-nvme \
              -o "$out/machine.json" ;;
     reference) deepspeed_env; part reference "${REF_S:-480}" python3 bench/reference.py \
-             --systems offload,deepspeed,pytorch --steps 5 --warmup 2 --cpu-memory 100GiB --timeout 200 ;;
+             --systems "${REF_SYSTEMS:-offload,deepspeed,pytorch}" --steps 5 --warmup 2 --cpu-memory 100GiB --timeout 200 ;;
     lora) part lora "${LORA_S:-300}" python3 bench/lora.py ${LORA_ARGS:-} ;;
     scale) part scale "${SCALE_S:-560}" python3 bench/scale.py --time-budget $(( ${SCALE_S:-560} - 20 )) ;;
     plan) part plan-check "${PLAN_S:-420}" python3 bench/plan_check.py --time-budget $(( ${PLAN_S:-420} - 20 )) \

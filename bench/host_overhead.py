@@ -31,6 +31,38 @@ def live_tensors():
     return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
 
 
+def memory_events(prof):
+    """Every allocation the profiler saw, as (device type name, bytes, thread, time ns, event): from its raw
+    events, where each allocation is one "[memory]" event (prof.events() folds those made inside an op into
+    the op's net usage, and keeps apart only the ones made outside any op)."""
+    out = []
+    for e in prof.profiler.kineto_results.events():
+        if e.name() == "[memory]" and e.nbytes() > 0:
+            out.append((str(e.device_type()).split(".")[-1], e.nbytes(), e.start_thread_id(), e.start_ns()))
+    return out
+
+
+def allocation_sites(prof, allocs):
+    """Counter of (device kind, 'outer > ... > innermost' op names) enclosing each allocation (same thread)."""
+    import collections
+    ops = [(e.start_thread_id(), e.start_ns(), e.end_ns(), e.name()) for e in prof.profiler.kineto_results.events()
+           if e.name() != "[memory]" and str(e.device_type()).endswith("CPU")]
+    sites = collections.Counter()
+    for kind, _, thread, t in allocs:
+        around = sorted((o for o in ops if o[0] == thread and o[1] <= t <= o[2]), key=lambda o: o[1])
+        sites[(kind, " > ".join(o[3] for o in around[-3:]) or "(outside any op)")] += 1
+    return sites
+
+
+def allocation_counts(step, steps):
+    """allocation_sites of `steps` calls of step(), profiled."""
+    import torch
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        for _ in range(steps):
+            step()
+    return allocation_sites(prof, memory_events(prof))
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--units", type=int, default=64)
@@ -67,21 +99,34 @@ def main():
         times.append(time.perf_counter() - t)
     gc.collect()
     blocks1, tensors1 = sys.getallocatedblocks(), live_tensors()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        for _ in range(a.steps):
-            step()
-    mem = [e for e in prof.events() if e.name == "[memory]"]
-    allocs = [e for e in mem if e.cpu_memory_usage > 0]
-    # On CUDA the model's own ops (activations, their gradients) take blocks from the caching allocator
-    # every step whatever trains it; counted apart, they are not host overhead.
-    dev_allocs = [e for e in mem if getattr(e, "device_memory_usage", 0) > 0]
+    eng_sites = allocation_counts(step, a.steps)
     eng.close()
+    # The same model trained by plain PyTorch (forward, backward, gradients set to None as zero_grad does):
+    # the allocations its own ops make every step whatever trains it (activations, their gradients). What
+    # the engine's step makes beyond them, op by op, is the engine's.
+    ref = build(a.units, a.width).to(dev)
+
+    def plain_step():
+        ref(x).pow(2).mean().backward()
+        for q in ref.parameters():
+            q.grad = None
+    for _ in range(a.warmup):
+        plain_step()
+    plain_sites = allocation_counts(plain_step, a.steps)
+    extra = {k: eng_sites[k] - plain_sites.get(k, 0) for k in eng_sites if eng_sites[k] > plain_sites.get(k, 0)}
+    per = lambda c: round(sum(c.values()) / a.steps, 1)   # noqa: E731
+    print("host allocations per step beyond plain PyTorch's, by the ops around them:" if extra else
+          "no host allocation per step beyond plain PyTorch's")
+    for (kind, where), k in sorted(extra.items(), key=lambda kv: -kv[1])[:8]:
+        print(f"  {k / a.steps:6.1f}  {kind}  {where}")
     step_s = statistics.median(times)
     row = {"bench": "host-overhead", "system": "offload", "step_s": round(step_s, 6), "units": a.units,
            "tier": a.tier, "host_us_per_unit_step": round(step_s / a.units * 1e6, 1),
-           "tensor_allocs_per_step": round(len(allocs) / a.steps, 1),
-           "alloc_bytes_per_step": int(sum(e.cpu_memory_usage for e in allocs) / a.steps),
-           "compute": a.device, "device_allocs_per_step": round(len(dev_allocs) / a.steps, 1),
+           "compute": a.device,
+           "engine_host_allocs_per_step": per({k: v for k, v in extra.items() if k[0] == "CPU"}),
+           "engine_device_allocs_per_step": per({k: v for k, v in extra.items() if k[0] != "CPU"}),
+           "host_allocs_per_step": per({k: v for k, v in eng_sites.items() if k[0] == "CPU"}),
+           "plain_host_allocs_per_step": per({k: v for k, v in plain_sites.items() if k[0] == "CPU"}),
            "python_blocks_growth_per_step": round((blocks1 - blocks0) / a.steps, 1),
            "live_tensor_growth_per_step": round((tensors1 - tensors0) / a.steps, 2)}
     print(row)

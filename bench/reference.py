@@ -391,7 +391,47 @@ def measure_rates(device="cuda", nvme=None):
     for s in range(3):
         adamw_(p, g, mm, v, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, step=s + 2, out=out)
     r["cpu_adam_gparams_s"] = 3 * k / (time.perf_counter() - t) / 1e9
+    r.update(host_mix_rates(p, g, mm, v, out))
     return r
+
+
+def host_mix_rates(p, g, m, v, out, calls=12, nbytes=1 << 30):
+    """Host memory under a step's mix of traffic: the native AdamW (`calls` updates of p's elements) on a
+    thread while both PCIe directions copy pinned buffers back to back, as an offloaded step overlaps
+    them. host_mix_gb_s: the bytes both moved per second (AdamW's ADAM_HOST_BYTES an element, every DMA
+    byte); mix_adam_gparams_s and mix_dma_gb_s: each one's rate under the other's load."""
+    import threading
+    import torch
+    from offload.adam import adamw_
+    from offload.plan import ADAM_HOST_BYTES
+    h_in, h_out = (torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(2))
+    d_in, d_out = (torch.empty(nbytes, dtype=torch.uint8, device="cuda") for _ in range(2))
+    up, down = torch.cuda.Stream(), torch.cuda.Stream()
+    done, adam = threading.Event(), {}
+
+    def run_adam():
+        t0 = time.perf_counter()
+        for s in range(calls):
+            adamw_(p, g, m, v, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, step=s + 10, out=out)
+        adam["s"] = time.perf_counter() - t0
+        done.set()
+    th = threading.Thread(target=run_adam)
+    dma = 0
+    t = time.perf_counter()
+    th.start()
+    while not done.is_set():
+        with torch.cuda.stream(up):
+            d_in.copy_(h_in, non_blocking=True)
+        with torch.cuda.stream(down):
+            h_out.copy_(d_out, non_blocking=True)
+        up.synchronize()
+        down.synchronize()
+        dma += 2 * nbytes
+    dma_s = time.perf_counter() - t
+    th.join()
+    adam_rate = calls * p.numel() / adam["s"]
+    return {"host_mix_gb_s": (adam_rate * ADAM_HOST_BYTES + dma / dma_s) / 1e9,
+            "mix_adam_gparams_s": adam_rate / 1e9, "mix_dma_gb_s": dma / dma_s / 1e9}
 
 
 def floors(a, rates, moved=None, adam_elems=None, system="offload"):
@@ -400,9 +440,10 @@ def floors(a, rates, moved=None, adam_elems=None, system="offload"):
     link carried over steps_total steps; adam_elems, elements the CPU AdamW updated a step) the floors are
     of that work: pcie_s the bytes each way over that way's rate, cpu_adam_s those elements at the native
     AdamW's rate, host_mem_s the host memory they touch (ADAM_HOST_BYTES an element, plus every byte DMA
-    moves) at the host memory bandwidth: the larger of a torch copy's and the one the native AdamW reaches
-    (its rate x ADAM_HOST_BYTES; on the H200 machine the copy measures ~80 GB/s, AdamW ~140, so the copy's
-    would make a floor the run beats). Otherwise the work of ZeRO-3 CPU offload: params in for forward and
+    moves) at the host memory bandwidth: the largest that any mix reached in this run, a torch copy's, the
+    native AdamW's (its rate x ADAM_HOST_BYTES) or AdamW and DMA at once (host_mix_rates); on the H200
+    machine the copy measures ~80 GB/s, AdamW ~140, so the copy's would make a floor the run beats. The
+    largest, so that the floor stays a lower bound whichever mix the step runs. Otherwise the work of ZeRO-3 CPU offload: params in for forward and
     backward and gradients out (2 bytes each), AdamW of every parameter on the CPU. GPU-resident PyTorch has
     the GPU floor only. Not in `moved`, so not in these floors: activation swaps (runs that swap have
     floors too low by those bytes), while the one-off copy of states promoted after the first step is in
@@ -426,7 +467,7 @@ def floors(a, rates, moved=None, adam_elems=None, system="offload"):
             f["pcie_s"] = 3 * 2 * P / (min(rates["h2d_gb_s"], rates["d2h_gb_s"]) * 1e9)
     if as_run and rates.get("mem_bw_gb_s"):
         dma = (moved["h2d"] + moved["d2h"]) / steps
-        host_bw = max(rates["mem_bw_gb_s"], rates["cpu_adam_gparams_s"] * ADAM_HOST_BYTES)
+        host_bw = max(rates["mem_bw_gb_s"], rates["cpu_adam_gparams_s"] * ADAM_HOST_BYTES, rates.get("host_mix_gb_s", 0))
         f["host_mem_s"] = (adam_elems * ADAM_HOST_BYTES + dma) / (host_bw * 1e9)
     if moved and (moved.get("disk_read") or moved.get("disk_write")) and rates.get("disk_gb_s"):
         # moved: bytes over the warm-up and timed steps (the worker's moved_steps, setup excluded)

@@ -28,15 +28,20 @@ def _buffer(name, n):
 SCALAR_SLOTS = 5
 
 
-def host_scalar(slot, value):
-    """value in a 0-dim float64 CPU tensor, one of SCALAR_SLOTS kept per thread, for an op that would take a
-    Python number. Given a number, ops such as mul_/div_/add_ wrap it in a new 0-dim tensor on every call (a
-    host allocation per op, per unit, per step). A 0-dim CPU tensor enters the op the same way (a CPU scalar,
-    cast to the op's dtype before the arithmetic; on CUDA read when the kernel is launched), so the result
-    is bitwise the same, and filling it allocates nothing. A slot is free again once the op has been issued."""
-    s = getattr(_scratch, "scalars", None)
+def host_scalar(slot, value, dtype=torch.float32):
+    """value in a 0-dim CPU tensor of dtype (that of the tensor the op writes), one of SCALAR_SLOTS kept per
+    thread and dtype, for an op that would take a Python number. Given a number, ops such as mul_/div_/add_
+    wrap it in a new 0-dim tensor on every call (a host allocation per op, per unit, per step); a 0-dim
+    tensor of another dtype is cast by a copy that allocates too. One of the op's own dtype enters as a CPU
+    scalar with no copy (on CUDA read when the kernel is launched); torch casts a Python number to that
+    dtype the same way before the arithmetic, so the result is bitwise the same. A slot is free again once
+    the op has been issued."""
+    per_dtype = getattr(_scratch, "scalars", None)
+    if per_dtype is None:
+        per_dtype = _scratch.scalars = {}
+    s = per_dtype.get(dtype)
     if s is None:
-        s = _scratch.scalars = [torch.zeros((), dtype=torch.float64) for _ in range(SCALAR_SLOTS)]
+        s = per_dtype[dtype] = [torch.zeros((), dtype=dtype) for _ in range(SCALAR_SLOTS)]
     return s[slot].fill_(value)
 
 
@@ -119,16 +124,16 @@ def reference_adamw_(master, grad, exp_avg, exp_avg_sq, *, lr, betas, eps, weigh
     beta1, beta2 = betas
     g = grad if grad.dtype == torch.float32 else grad.float()
     if grad_scale != 1.0:
-        g = torch.mul(g, host_scalar(0, grad_scale), out=_buffer("scaled", g.numel()))
+        g = torch.mul(g, host_scalar(0, grad_scale, g.dtype), out=_buffer("scaled", g.numel()))
     bias_correction1 = 1 - beta1 ** step
     bias_correction2 = 1 - beta2 ** step
     step_size = lr / bias_correction1
     # torch's ops, in its order; the Scalar overloads (lerp_, addcmul_, addcdiv_) allocate nothing
-    master.mul_(host_scalar(1, 1 - lr * weight_decay))
+    master.mul_(host_scalar(1, 1 - lr * weight_decay, master.dtype))
     exp_avg.lerp_(g, 1 - beta1)
-    exp_avg_sq.mul_(host_scalar(2, beta2)).addcmul_(g, g, value=1 - beta2)
+    exp_avg_sq.mul_(host_scalar(2, beta2, exp_avg_sq.dtype)).addcmul_(g, g, value=1 - beta2)
     denom = torch.sqrt(exp_avg_sq, out=_buffer("denom", exp_avg_sq.numel()))
-    denom.div_(host_scalar(3, bias_correction2 ** 0.5)).add_(host_scalar(4, eps))
+    denom.div_(host_scalar(3, bias_correction2 ** 0.5, denom.dtype)).add_(host_scalar(4, eps, denom.dtype))
     master.addcdiv_(exp_avg, denom, value=-step_size)
     if out is not None:
         out.copy_(master)

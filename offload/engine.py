@@ -246,6 +246,11 @@ class Engine:
         # which made four element-wise passes and four temporaries the size of the gradients.
         self._grad_peak = torch.zeros((), dtype=torch.float32, device=self.device)
         self._unit_peak = {}   # gradient dtype -> its 0-dim scratch
+        self._inf = torch.full((), math.inf, dtype=torch.float32, device=self.device)
+        self._peak_finite = torch.zeros((), dtype=torch.bool, device=self.device)
+        self._step_flag = torch.zeros((), dtype=torch.bool, device=self.device)
+        self._unit_flags = {}  # unit index -> its 0-dim float flag for the device-side AdamW
+        self._sumsq = None     # 0-dim double scratch of _device_sumsq on CUDA
 
     # ---- the training loop ----------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -390,8 +395,13 @@ class Engine:
         st.has_grad = [False] * len(st.has_grad)
         hyper = self.optimizer.hyper()
         prof, upd = self.profiler, self.device_updater
+        flag = self._unit_flags.get(u.index)
+        if flag is None:
+            flag = self._unit_flags[u.index] = torch.zeros((), dtype=torch.float32, device=self.device)
+        # This step's flag so far, before the event the update waits on. Kept per unit: step() reads each
+        # unit's own; the next step's write is ordered after this update, which the unit's forward waits for.
+        flag = self._found_inf(flag)
         if self.tiers.cuda:
-            flag = self._found_inf().float()   # this step's flag so far, before the event the update waits on
             ready = torch.cuda.Event()
             ready.record()
             upd.load.wait_event(ready)   # here, not in update(): the traced span starts once the gradients are in
@@ -400,7 +410,6 @@ class Engine:
             if t0 is not None:
                 prof.end_work(t0, KIND_OPTIM, u.index, u.numel_train * 24, upd.load)
         else:
-            flag = self._found_inf()
             if not bool(flag):
                 upd.update(u, grad, segments, hyper)
         self._device_updated.append((u, flag, steps_before))
@@ -546,10 +555,12 @@ class Engine:
                 prof.name_unit(u.index, u.name, p.params_home, p.states_home)
         self._promoting = []
 
-    def _found_inf(self):
-        """A 0-dim bool tensor on the device: whether a gradient of this step so far was inf or nan (Note
-        [non-finite check])."""
-        return ~torch.isfinite(self._grad_peak)
+    def _found_inf(self, out=None):
+        """A 0-dim tensor on the device, out (any dtype) or a bool scratch, that says whether a gradient of
+        this step so far was inf or nan (Note [non-finite check]): the peak is not below inf exactly then.
+        Written with out= ops into kept tensors, so the check allocates nothing."""
+        torch.lt(self._grad_peak, self._inf, out=self._peak_finite)
+        return torch.logical_not(self._peak_finite, out=self._step_flag if out is None else out)
 
     def _step(self):
         """step() once an accumulation window has closed."""
@@ -572,7 +583,7 @@ class Engine:
         if self.mode == "deferred":
             self.worker.sync()
             total = sum(u.st.sumsq for u in host)
-            total += sum(float(u.st.dgrad.double().pow(2).sum()) for u in dev)
+            total += sum(self._device_sumsq(u.st.dgrad) for u in dev)
             if self.comm is not None:
                 total = self.comm.all_sum([total], "the squared gradient norm")[0]
             if found_inf or not finite(total):
@@ -615,6 +626,17 @@ class Engine:
         self.worker.submit(self.unit_opt.next_step)
         self.steps_applied += 1
         return True
+
+    def _device_sumsq(self, g):
+        """Sum of squares of a device-tier unit's gradients, accumulated in double without a double copy of
+        them: the native kernel on a CPU device; on CUDA the norm's reduction casts as it loads (squared
+        back: within an ulp of double)."""
+        if g.device.type == "cpu":
+            return grad_sumsq(g)
+        if self._sumsq is None:
+            self._sumsq = torch.zeros((), dtype=torch.float64, device=g.device)
+        torch.linalg.vector_norm(g, 2, dtype=torch.float64, out=self._sumsq)
+        return float(self._sumsq) ** 2
 
     @staticmethod
     def _first_nonfinite(flagged, dev):

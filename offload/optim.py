@@ -291,7 +291,7 @@ class UnitOptimizer:
         lr, betas, eps, wd = hyper
         g = st.dgrad
         if scale != 1.0:
-            g.mul_(host_scalar(0, scale))
+            g.mul_(host_scalar(0, scale, g.dtype))
         for off, n, step in self._segments(u):
             sl = slice(off, off + n)
             if st.master.device.type == "cpu":
