@@ -77,8 +77,8 @@ for p in ${PARTS:-tests trace act}; do
              tests/test_dist_gpu.py
           part dist-reference "${DIST_S:-570}" python3 bench/dist_reference.py --ranks "${DIST_RANKS:-2}" \
              --timeout 170 ;;
-    overhead) part host-overhead "${OVERHEAD_S:-150}" bash -c "python3 bench/host_overhead.py --device cuda --tier cpu \
-             && python3 bench/host_overhead.py --device cuda --tier device" ;;
+    overhead) part host-overhead "${OVERHEAD_S:-150}" bash -c "python3 bench/host_overhead.py --device cuda --tier cpu --steps 10 \
+             && python3 bench/host_overhead.py --device cuda --tier device --steps 10" ;;
     w:*) args=${p#w:}; part "worker${args//[^a-z0-9]/-}" "${WORKER_S:-200}" \
              env OFFLOAD_STACKS_AFTER=$(( ${WORKER_S:-200} - 15 )) python3 bench/reference.py \
              --worker offload --steps 3 --warmup 2 ${args//,/ } ;;

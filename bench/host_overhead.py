@@ -43,14 +43,26 @@ def memory_events(prof):
 
 
 def allocation_sites(prof, allocs):
-    """Counter of (device kind, 'outer > ... > innermost' op names) enclosing each allocation (same thread)."""
+    """Counter of (device kind, 'outer > ... > innermost' op names) enclosing each allocation (same thread):
+    one sweep over ops and allocations in time order per thread, the open ops on a stack."""
     import collections
-    ops = [(e.start_thread_id(), e.start_ns(), e.end_ns(), e.name()) for e in prof.profiler.kineto_results.events()
-           if e.name() != "[memory]" and str(e.device_type()).endswith("CPU")]
-    sites = collections.Counter()
+    by_thread = collections.defaultdict(list)   # thread -> [(time, 0 = op start / 1 = allocation, ...)]
+    for e in prof.profiler.kineto_results.events():
+        if e.name() != "[memory]" and str(e.device_type()).endswith("CPU"):
+            by_thread[e.start_thread_id()].append((e.start_ns(), 0, e.end_ns(), e.name()))
     for kind, _, thread, t in allocs:
-        around = sorted((o for o in ops if o[0] == thread and o[1] <= t <= o[2]), key=lambda o: o[1])
-        sites[(kind, " > ".join(o[3] for o in around[-3:]) or "(outside any op)")] += 1
+        by_thread[thread].append((t, 1, kind, None))
+    sites = collections.Counter()
+    for items in by_thread.values():
+        items.sort(key=lambda x: (x[0], x[1]))
+        stack = []   # (end, name) of the ops open at the current time, outermost first
+        for t, what, x, name in items:
+            while stack and stack[-1][0] < t:
+                stack.pop()
+            if what == 0:
+                stack.append((x, name))
+            else:
+                sites[(x, " > ".join(n for _, n in stack[-3:]) or "(outside any op)")] += 1
     return sites
 
 
