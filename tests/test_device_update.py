@@ -6,7 +6,7 @@ The CUDA path (side streams, staging chunks, the fused kernel) is in test_engine
 import copy
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import example, given, settings, strategies as st
 import torch
 
 import offload
@@ -17,20 +17,25 @@ from conftest import HP, Run, assert_runs_match, param_count, run_reference, tra
 from models import make_gpt, make_mlp, mlp_batches, token_batches
 
 
-def _engine(model, share, monkeypatch, **kw):
-    """Params resident on the compute side, states in the arena, a forced device-side share."""
+def _engine(model, share, monkeypatch, inflight=None, **kw):
+    """Params resident on the compute side, states in the arena, a forced device-side share; inflight: the
+    IssueQueue's width (Note [device-side update order]), None: updates issued as gradients land."""
+    from offload import device_update
     monkeypatch.setattr(plan_mod, "DEVICE_UPDATE_SHARE", share)
+    monkeypatch.setattr(device_update, "ISSUE_INFLIGHT", inflight)
     n = param_count(model)
     return offload.engine(model, optimizer=offload.AdamW(**HP), device="cpu", dtype=torch.float32,
                           gpu_memory=4 * n + (1 << 16), cpu_memory=None, **kw)
 
 
+@pytest.mark.parametrize("inflight", [None, 1], ids=["as-landed", "queued"])
 @pytest.mark.parametrize("share", [0.5, 1.0])
 @pytest.mark.parametrize("make, batches", [(make_mlp, mlp_batches), (make_gpt, token_batches)])
-def test_parity_with_torch_adamw(make, batches, share, monkeypatch):
+def test_parity_with_torch_adamw(make, batches, share, inflight, monkeypatch):
     model, data = make(), batches(5)
     ref = run_reference(model, data)
-    with _engine(copy.deepcopy(model), share, monkeypatch) as eng:
+    with _engine(copy.deepcopy(model), share, monkeypatch, inflight) as eng:
+        assert (eng.device_queue is not None) == (inflight is not None)
         sites = [p.update_on for p in eng.plan.units if p.states_home == "cpu"]
         assert "device" in sites and (share == 1.0) == ("host" not in sites), sites
         got = train_engine(eng, data)
@@ -38,12 +43,13 @@ def test_parity_with_torch_adamw(make, batches, share, monkeypatch):
     assert_runs_match(got, ref, model)
 
 
-def test_nonfinite_gradient_skips_device_updates(monkeypatch):
+@pytest.mark.parametrize("inflight", [None, 1], ids=["as-landed", "queued"])
+def test_nonfinite_gradient_skips_device_updates(monkeypatch, inflight):
     """A poisoned micro-batch in eager mode: every unit is updated on the device, all are skipped, no step
     count moves, and training then follows a reference that skipped that batch."""
     model, data = make_mlp(), mlp_batches(5)
     ref = run_reference(model, data, skip={2})
-    with _engine(copy.deepcopy(model), 1.0, monkeypatch) as eng:
+    with _engine(copy.deepcopy(model), 1.0, monkeypatch, inflight) as eng:
         got = train_engine(eng, data[:2])
         before = eng.state_dict()
         loss = eng(**data[2]).loss
@@ -81,6 +87,77 @@ def _plan(model):
     n = param_count(model)
     return units, plan_placement(units, itemsize=2, device="cuda:0", gpu_budget=2 * n + (1 << 16),
                                  cpu_budget=None, nvme=None, grad_accum=1, activations="keep")
+
+
+class _Event:
+    """A stand-in for a CUDA event: done once the test says so."""
+
+    def __init__(self):
+        self.done = False
+
+    def query(self):
+        return self.done
+
+
+@settings(max_examples=300)
+@example([("add", 0), ("add", 3), ("add", 1), ("use", 3), ("finish", 0), ("finish", 0), ("add", 0), ("flush", 0)], 1)
+@given(st.lists(st.tuples(st.sampled_from(["add", "use", "finish", "flush"]), st.integers(0, 7)), max_size=60),
+       st.integers(1, 3))
+def test_issue_queue_keeps_its_width_and_issues_lowest_index_first(ops, inflight):
+    """IssueQueue (Note [device-side update order]) against a model of it: never more than `inflight` issued
+    updates unfinished, except a unit taken for use, issued at once; whenever there is room the lowest
+    pending index goes; flush issues the rest lowest first; every update issued exactly once."""
+    from offload.device_update import IssueQueue
+    q = IssueQueue(inflight)
+    issued, events, pending, busy = [], [], set(), []
+    adds = 0
+
+    def issue_fn(i):
+        def issue():
+            issued.append(i)
+            busy.append(sum(not e.done for e in events))   # unfinished updates when this one was issued
+            events.append(_Event())
+            return events[-1]
+        return issue
+
+    def issued_by_pump(before):   # each one the lowest pending at its turn, and only into room
+        for k, j in enumerate(issued[before:], before):
+            assert j == min(pending), (j, pending)
+            assert busy[k] < inflight, (busy[k], inflight)
+            pending.discard(j)
+    for op, i in ops:
+        before = len(issued)
+        if op == "add":
+            if i in pending:
+                with pytest.raises(RuntimeError):
+                    q.add(i, issue_fn(i))
+                continue
+            pending.add(i)
+            adds += 1
+            q.add(i, issue_fn(i))
+            issued_by_pump(before)
+        elif op == "use":
+            taken = i in pending
+            q.take(i)
+            assert i not in q.waiting
+            if taken:
+                assert issued[before] == i
+                pending.discard(i)
+                before += 1
+            issued_by_pump(before)
+        elif op == "finish":
+            e = next((e for e in events if not e.done), None)
+            if e is not None:
+                e.done = True
+            q.pump()
+            issued_by_pump(before)
+        else:
+            q.flush()
+            assert issued[before:] == sorted(pending)
+            pending.clear()
+        # with room left, nothing waits
+        assert not pending or sum(not e.done for e in events) >= inflight
+    assert len(issued) == adds - len(pending) and pending == set(q.waiting)
 
 
 def test_planner_balances_cpu_against_pcie():
