@@ -398,6 +398,28 @@ def test_bf16_gpu_policy_parity(name, policy, tmp_path):
     assert_bf16_close(got, ref, model)
 
 
+def _gpu_fp32_runs(model, data, policies, after_step=None):
+    """{policy: (losses, state_dict)} of fp32 engines on the GPU, one per policy, over the same batches;
+    after_step(policy, engine) runs after each step."""
+    results = {}
+    for policy in policies:
+        eng = offload.engine(copy.deepcopy(model), optimizer=offload.AdamW(**HP), device="cuda",
+                             dtype=torch.float32, activations=policy)
+        losses = []
+        try:
+            for b in data:
+                loss = eng(**b).loss
+                eng.backward(loss)
+                eng.step()
+                losses.append(loss.item())
+                if after_step is not None:
+                    after_step(policy, eng)
+            results[policy] = (losses, eng.state_dict())
+        finally:
+            eng.close()
+    return results
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_split_gradients_equal_swap():
@@ -405,22 +427,7 @@ def test_gpu_split_gradients_equal_swap():
     (which stores every tensor exactly), up to cuBLAS rounding a matmul on fewer rows differently."""
     model = make_gpt().cuda()
     data = [{k: v.cuda() for k, v in b.items()} for b in token_batches(3)]
-    results = {}
-    for policy in ("swap", 0.5):
-        m = copy.deepcopy(model)
-        eng = offload.engine(m, optimizer=offload.AdamW(**HP), device="cuda", dtype=torch.float32,
-                             activations=policy)
-        grads = []
-        try:
-            for b in data:
-                loss = eng(**b).loss
-                eng.backward(loss)
-                eng.sync()
-                grads.append(loss.item())
-                eng.step()
-            results[policy] = (grads, eng.state_dict())
-        finally:
-            eng.close()
+    results = _gpu_fp32_runs(model, data, ("swap", 0.5))
     (la, sa), (lb, sb) = results["swap"], results[0.5]
     assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(la, lb)), (la, lb)
     for k in sa:
@@ -435,24 +442,9 @@ def test_gpu_swap_reuses_its_pinned_buffers_and_equals_keep():
     equal those of "keep" exactly (swap stores every tensor as it is)."""
     model = make_gpt().cuda()
     data = [{k: v.cuda() for k, v in b.items()} for b in token_batches(4)]
-    results, made = {}, []
-    for policy in ("keep", "swap"):
-        m = copy.deepcopy(model)
-        eng = offload.engine(m, optimizer=offload.AdamW(**HP), device="cuda", dtype=torch.float32,
-                             activations=policy)
-        losses = []
-        try:
-            for b in data:
-                loss = eng(**b).loss
-                eng.backward(loss)
-                eng.step()
-                losses.append(loss.item())
-                if policy == "swap":
-                    made.append(eng.streamer.host_pool.made)
-            eng.sync()
-            results[policy] = (losses, eng.state_dict())
-        finally:
-            eng.close()
+    made = []
+    results = _gpu_fp32_runs(model, data, ("keep", "swap"),
+                             lambda policy, eng: made.append(eng.streamer.host_pool.made) if policy == "swap" else None)
     assert made[0] > 0 and made[1:] == [made[0]] * (len(data) - 1), made
     (la, sa), (lb, sb) = results["keep"], results["swap"]
     assert la == lb
