@@ -35,7 +35,10 @@ def host_scalar(slot, value, dtype=torch.float32):
     tensor of another dtype is cast by a copy that allocates too. One of the op's own dtype enters as a CPU
     scalar with no copy (on CUDA read when the kernel is launched); torch casts a Python number to that
     dtype the same way before the arithmetic, so the result is bitwise the same. A slot is free again once
-    the op has been issued."""
+    the op has been issued. fp32 and fp64 only: a bf16/fp16 op computes with the double a Python number
+    gives (CPU) or its fp32 rounding (CUDA), so a scalar rounded to its own dtype would differ."""
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"host_scalar: {dtype} would round the scalar before the op does")
     per_dtype = getattr(_scratch, "scalars", None)
     if per_dtype is None:
         per_dtype = _scratch.scalars = {}

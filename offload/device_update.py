@@ -25,7 +25,9 @@ holds the updates on the host instead: at most `inflight` are on the streams at 
 room the lowest unit index goes next (checked at every unit's gradients and every unit's use, a few ms
 apart against tens of ms an update), and a unit about to be used has its own update issued at once. With
 ISSUE_INFLIGHT None the engine issues each update as its gradients land, as before: the queue is an
-experiment until a GPU run shows it faster.
+experiment until a GPU run shows it faster. Held updates keep their device gradients alive until issued
+(up to the device-side share of the model's gradients, 2.7 GB in bf16 on the reference workload), which
+the activation budget does not plan for: peak memory is part of that measurement.
 """
 import heapq
 import itertools
@@ -83,8 +85,14 @@ class IssueQueue:
             self._issue(heapq.heappop(self.pending))
 
     def _issue(self, entry):
+        """entry has left the heap; it leaves `waiting` only once issued, and goes back if issuing fails
+        (an out-of-memory error in the staging buffers, say), so no update is lost."""
+        try:
+            ev = entry[2]()
+        except BaseException:
+            heapq.heappush(self.pending, entry)
+            raise
         del self.waiting[entry[0]]
-        ev = entry[2]()
         if ev is not None:
             self.running.append(ev)
 

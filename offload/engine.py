@@ -255,7 +255,7 @@ class Engine:
         self._peak_finite = torch.zeros((), dtype=torch.bool, device=self.device)
         self._step_flag = torch.zeros((), dtype=torch.bool, device=self.device)
         self._unit_flags = {}  # unit index -> its 0-dim float flag for the device-side AdamW
-        self._sumsq = None     # 0-dim double scratch of _device_sumsq on CUDA
+        self._sumsq = None     # 0-dim scratch of _device_sumsq on CUDA
 
     # ---- the training loop ----------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -642,14 +642,14 @@ class Engine:
         return True
 
     def _device_sumsq(self, g):
-        """Sum of squares of a device-tier unit's gradients, accumulated in double without a double copy of
-        them: the native kernel on a CPU device; on CUDA the norm's reduction casts as it loads (squared
-        back: within an ulp of double)."""
+        """Sum of squares of a device-tier unit's fp32 gradients without a temporary the size of them: the
+        native double kernel on a CPU device; on CUDA the fp32 norm into a kept scalar (torch's own
+        clip_grad_norm_ takes fp32 norms of fp32 gradients; a float64 norm would cast a copy first)."""
         if g.device.type == "cpu":
             return grad_sumsq(g)
         if self._sumsq is None:
-            self._sumsq = torch.zeros((), dtype=torch.float64, device=g.device)
-        torch.linalg.vector_norm(g, 2, dtype=torch.float64, out=self._sumsq)
+            self._sumsq = torch.zeros((), dtype=torch.float32, device=g.device)
+        torch.linalg.vector_norm(g, 2, out=self._sumsq)
         return float(self._sumsq) ** 2
 
     @staticmethod
@@ -709,11 +709,15 @@ class Engine:
         # A failure of the optimizer thread not yet raised to the caller is raised here, but only after every
         # piece is released: hooks off the user's module, profiler, swap files and arena.
         try:
-            if hasattr(self, "worker"):
-                try:
-                    self.worker.sync()
-                finally:
-                    self.worker.close()
+            try:
+                if getattr(self, "device_queue", None) is not None:   # the module gets every update it was given
+                    self.device_queue.flush()
+            finally:
+                if hasattr(self, "worker"):
+                    try:
+                        self.worker.sync()
+                    finally:
+                        self.worker.close()
         finally:
             try:
                 if hasattr(self, "streamer"):

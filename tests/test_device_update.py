@@ -89,6 +89,49 @@ def _plan(model):
                                  cpu_budget=None, nvme=None, grad_accum=1, activations="keep")
 
 
+class _Busy:
+    """An update on the streams that never finishes: everything queued after it waits in the IssueQueue."""
+
+    def query(self):
+        return False
+
+
+@pytest.mark.parametrize("poison", [False, True], ids=["clean", "nonfinite"])
+def test_updates_held_in_the_queue_across_steps_equal_torch_adamw(monkeypatch, poison):
+    """On the CPU every update finishes as it is issued, so the queue never holds one by itself. With the
+    streams made to look busy for good, every device-side update waits in the IssueQueue: across step(),
+    until its unit's use in the next forward issues it, or a save/sync flushes it; a poisoned batch skips
+    the updates still held. Training still equals torch.optim.AdamW step for step, and one that skipped
+    the poisoned batch."""
+    model, data = make_mlp(), mlp_batches(5)
+    ref = run_reference(model, data, skip={2} if poison else set())
+    got = Run(losses=[], stepped=[], state={})
+    with _engine(copy.deepcopy(model), 1.0, monkeypatch, inflight=1) as eng:
+        eng.device_queue.running.append(_Busy())
+        queued = {u.index for u in eng.units if u.plan.update_on == "device"}
+        assert queued
+        for i, batch in enumerate(data):
+            held = set(eng.device_queue.waiting)
+            assert held == (queued if i else set()), (i, held)   # every update of the last step waits
+            loss = eng(**batch).loss
+            assert not eng.device_queue.waiting        # each unit's use issued its own
+            got.losses.append(loss.item())
+            eng.backward(loss * float("inf") if poison and i == 2 else loss)
+            if poison and i == 2:
+                with pytest.warns(RuntimeWarning, match="non-finite gradient"):
+                    got.stepped.append(eng.step())
+            else:
+                got.stepped.append(eng.step())
+        got.state = eng.state_dict()
+        assert not eng.device_queue.waiting            # state_dict() flushed the last step's
+        eng.backward(eng(**data[0]).loss)
+        eng.step()
+        assert eng.device_queue.waiting
+    assert not eng.device_queue.waiting                # and close() the next one's
+    assert got.stepped == [True, True, not poison, True, True]
+    assert_runs_match(got, ref, model)
+
+
 class _Event:
     """A stand-in for a CUDA event: done once the test says so."""
 
