@@ -10,8 +10,8 @@ import os
 import sys
 from pathlib import Path
 
-# bench/'s helpers (host_overhead's allocation counting): after everything else, so no bench script's name
-# shadows a module the tests import.
+# bench/'s helpers (host_overhead's allocation counting), appended so that no bench script's name shadows a
+# module the tests import (host_overhead itself puts bench/ first once imported; no name clashes today).
 sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))
 
 # Deterministic cuBLAS for the GPU sync tests; must be set before the first cuBLAS handle exists.
