@@ -34,7 +34,7 @@ def live_tensors():
 
 
 def memory_events(prof):
-    """Every allocation the profiler saw, as (device type name, bytes, thread, time ns, event): from its raw
+    """Every allocation the profiler saw, as (device type name, bytes, thread, time ns): from its raw
     events, where each allocation is one "[memory]" event (prof.events() folds those made inside an op into
     the op's net usage, and keeps apart only the ones made outside any op)."""
     out = []

@@ -22,8 +22,9 @@ read to the next. Every system is timed the same way; GPU-resident PyTorch and D
 behind a step, so for them it is the same as synchronising. window_step_s checks the median: the mean over
 the timed steps from the first one's start to a full synchronisation after the last, with offload's queued
 updates drained, so a backlog carried past the window is paid inside it (the first timed step starts with
-the last warm-up step's backlog, so the window errs long by at most one backlog). --timing device (every row before
-2026-12-02's fourth session) synchronises the whole device around every step, which forbids that overlap.
+the last warm-up step's backlog, so the window errs long by at most one backlog). --timing device (every
+row before 2026-12-02's fourth session) synchronises the whole device around every step, which forbids
+that overlap.
 """
 import argparse
 import faulthandler
@@ -148,18 +149,16 @@ def timed_steps(a, step_fn, counters=None, drain=None, window=None):
     per_step_sync = getattr(a, "timing", "device") == "device"
     t = None
     for i in range(a.warmup + a.steps):
+        if per_step_sync or t is None:
+            _sync(a)
+            t = time.perf_counter()
         if i == a.warmup:
-            if per_step_sync:
-                _sync(a)
             # With "loss" timing nothing is drained here: the first timed step starts with the backlog the
             # last warm-up step left, as every later one does (drained, it ran 0.52 s against 0.68 s). The
             # window then also pays that backlog once: it errs long.
             if counters is not None:
                 before = steady_state_counters()
             t = t_window = time.perf_counter()
-        if per_step_sync or t is None:
-            _sync(a)
-            t = time.perf_counter()
         loss = step_fn(data[i % len(data)])
         if per_step_sync:
             _sync(a)
@@ -447,8 +446,9 @@ def floors(a, rates, moved=None, adam_elems=None, system="offload"):
     moves) at the host memory bandwidth: the largest that any mix reached in this run, a torch copy's, the
     native AdamW's (its rate x ADAM_HOST_BYTES) or AdamW and DMA at once (host_mix_rates); on the H200
     machine the copy measures ~80 GB/s, AdamW ~140, so the copy's would make a floor the run beats. The
-    largest, so that the floor stays a lower bound whichever mix the step runs. Otherwise the work of ZeRO-3 CPU offload: params in for forward and
-    backward and gradients out (2 bytes each), AdamW of every parameter on the CPU. GPU-resident PyTorch has
+    largest, so that the floor stays a lower bound whichever mix the step runs. Otherwise the work of ZeRO-3
+    CPU offload: params in for forward and backward and gradients out (2 bytes each), AdamW of every
+    parameter on the CPU. GPU-resident PyTorch has
     the GPU floor only. Not in `moved`, so not in these floors: activation swaps (runs that swap have
     floors too low by those bytes), while the one-off copy of states promoted after the first step is in
     it (pcie_s too high by that copy over steps_total)."""
