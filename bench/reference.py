@@ -343,10 +343,11 @@ def worker(a):
         dist.destroy_process_group()
 
 
-def measure_rates(device="cuda", nvme=None):
-    """Rates of this machine measured now: PCIe (pinned), bf16 GEMM, CPU AdamW (native), and with nvme the
-    disk through offload's store on its first path (offload.probe.disk_profile: read and write, best over
-    queue depths, and both at once). On the CPU only AdamW (and the disk), on a small buffer."""
+def measure_rates(device="cuda", nvme=None, a=None):
+    """Rates of this machine measured now: PCIe (pinned), bf16 GEMM, CPU AdamW (native), with `a` (the run's
+    arguments) the model's own kernels (kernel_times), and with nvme the disk through offload's store on its
+    first path (offload.probe.disk_profile: read and write, best over queue depths, and both at once). On
+    the CPU only AdamW (and the disk), on a small buffer."""
     import torch
     r = {}
     if nvme:
@@ -393,7 +394,78 @@ def measure_rates(device="cuda", nvme=None):
         adamw_(p, g, mm, v, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, step=s + 2, out=out)
     r["cpu_adam_gparams_s"] = 3 * k / (time.perf_counter() - t) / 1e9
     r.update(host_mix_rates(p, g, mm, v, out))
+    if a is not None:
+        try:
+            r.update(kernel_times(a))
+        except Exception as e:   # a transformers without these classes: the run goes on without this floor
+            print(f"warning: the model's kernels could not be timed ({type(e).__name__}: {e}); no gpu_kernels_s "
+                  f"floor in this run", file=sys.stderr, flush=True)
     return r
+
+
+def kernel_times(a, device="cuda"):
+    """Seconds this model's own kernels take on this GPU at the run's micro-batch, timed on one decoder layer
+    and on the head: block_fwd_s (a forward that records autograd's graph, as a recompute also runs it),
+    block_bwd_s (its backward), head_s (the final norm, LM head and loss, forward and backward, and the
+    embedding's). The GEMM rate prices every FLOP at a large square matmul's speed, while attention, the
+    norms and the elementwise kernels run slower: these make the tighter GPU floor (gpu_kernels_s)."""
+    import torch
+    import torch.nn.functional as F
+    from transformers.models.llama import modeling_llama as ml
+    cfg = model_config(a)
+    dev, bf16 = torch.device(device), torch.bfloat16
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    layer = ml.LlamaDecoderLayer(cfg, layer_idx=0).to(dev, bf16)
+    pos = torch.arange(a.seq, device=dev).unsqueeze(0).expand(a.mb, -1)
+    x = torch.randn(a.mb, a.seq, a.hidden, device=dev, dtype=bf16, requires_grad=True)
+    cos_sin = ml.LlamaRotaryEmbedding(cfg).to(dev)(x, pos)
+
+    def block():   # attention_mask None: causal SDPA, as the whole model runs it without padding
+        out = layer(x, attention_mask=None, position_ids=pos, position_embeddings=cos_sin)
+        return out[0] if isinstance(out, tuple) else out
+    dy = torch.randn(a.mb, a.seq, a.hidden, device=dev, dtype=bf16)
+    emb = torch.nn.Embedding(a.vocab, a.hidden).to(dev, bf16)
+    norm = ml.LlamaRMSNorm(a.hidden, eps=cfg.rms_norm_eps).to(dev, bf16)
+    lm = torch.nn.Linear(a.hidden, a.vocab, bias=False).to(dev, bf16)
+    ids = torch.randint(0, a.vocab, (a.mb, a.seq), device=dev)
+
+    def head():
+        emb(ids).backward(dy)
+        logits = lm(norm(x))
+        F.cross_entropy(logits.float().view(-1, a.vocab), ids.view(-1)).backward()
+
+    def seconds(fn, n=6):
+        fn()
+        sync()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        sync()
+        return (time.perf_counter() - t) / n
+    fwd = seconds(block)
+    both = seconds(lambda: block().backward(dy))
+    r = {"block_fwd_s": fwd, "block_bwd_s": max(both - fwd, 0.0), "head_s": seconds(head)}
+    del layer, x, dy, emb, norm, lm
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return r
+
+
+def recomputed_blocks(a, res, system):
+    """Blocks whose forward runs twice a step: every layer under the gradient checkpointing that PyTorch and
+    DeepSpeed run with here; for offload, what its activation plan says (act_plan, "recompute" and
+    "recompute+offload" counts; a token-wise split's partial recompute counts as none, which keeps the floor
+    a lower bound)."""
+    import re
+    if system != "offload":
+        return a.layers
+    if a.activations in ("recompute", "recompute+offload"):
+        return a.layers
+    n = 0
+    for note in res.get("act_plan") or []:
+        counts = note.split("):", 1)[-1].split(";", 1)[0]
+        n += sum(int(k) for name, k in re.findall(r"(\S+) (\d+)", counts) if name in ("recompute", "recompute+offload"))
+    return n
 
 
 def host_mix_rates(p, g, m, v, out, calls=12, nbytes=1 << 30):
@@ -437,9 +509,11 @@ def host_mix_rates(p, g, m, v, out, calls=12, nbytes=1 << 30):
             "mix_adam_gparams_s": adam_rate / 1e9, "mix_dma_gb_s": dma / dma_s / 1e9}
 
 
-def floors(a, rates, moved=None, adam_elems=None, system="offload"):
+def floors(a, rates, moved=None, adam_elems=None, system="offload", recomputed=None):
     """Seconds per step each resource needs, from rates measured in this run. gpu_s: the FLOPs with one
-    recomputed forward at the bf16 GEMM rate. For a run that reports what it did (offload: moved, bytes each
+    recomputed forward at the bf16 GEMM rate; gpu_kernels_s (where kernel_times ran): every layer's forward
+    and backward, `recomputed` layers' forward again, and the head, at the times this model's own kernels
+    took in this run, per micro-batch (the GPU's AdamW and copies left out, so it stays a lower bound). For a run that reports what it did (offload: moved, bytes each
     link carried over steps_total steps; adam_elems, elements the CPU AdamW updated a step) the floors are
     of that work: pcie_s the bytes each way over that way's rate, cpu_adam_s those elements at the native
     AdamW's rate, host_mem_s the host memory they touch (ADAM_HOST_BYTES an element, plus every byte DMA
@@ -459,6 +533,10 @@ def floors(a, rates, moved=None, adam_elems=None, system="offload"):
     f = {}
     if rates.get("gemm_tflops"):
         f["gpu_s"] = flops_recompute / (rates["gemm_tflops"] * 1e12)
+    if rates.get("block_fwd_s") is not None and recomputed is not None:
+        f["gpu_kernels_s"] = getattr(a, "grad_accum", 1) * (
+            a.layers * (rates["block_fwd_s"] + rates["block_bwd_s"]) + recomputed * rates["block_fwd_s"]
+            + rates["head_s"])
     if system == "pytorch":
         return f
     steps = getattr(a, "steps_total", 1)
@@ -569,7 +647,7 @@ def main(argv=None, extra=None, save=True):
     if a.worker:
         return worker(a)
     from record import record, run_id
-    rates = json.loads(a.rates) if a.rates else measure_rates(a.device, a.nvme if a.measure_disk else None)
+    rates = json.loads(a.rates) if a.rates else measure_rates(a.device, a.nvme if a.measure_disk else None, a)
     if a.disk_gb_s:
         rates["disk_gb_s"] = a.disk_gb_s
     print("rates:", json.dumps({k: round(v, 2) for k, v in rates.items()}), flush=True)
@@ -613,8 +691,8 @@ def main(argv=None, extra=None, save=True):
         tokens = step_tokens(a) * a.ranks
         # one rank's counters do not price a host that several ranks share (its AdamW cores, its memory):
         # several ranks get no floors rather than wrong ones
-        fl = floors(a, rates, res.get("moved_steps") or res.get("moved"), res.get("adam_host_elems"), system) \
-            if a.ranks == 1 else {}
+        fl = floors(a, rates, res.get("moved_steps") or res.get("moved"), res.get("adam_host_elems"), system,
+                    recomputed_blocks(a, res, system)) if a.ranks == 1 else {}
         largest = max(fl, key=fl.get) if fl else None
         row = {"bench": a.bench, "system": {"deepspeed": "deepspeed-zero3-cpu-" + ("nvme" if a.nvme else "cpu"),
                                             "pytorch": "pytorch-gpu-resident"}.get(system, system),

@@ -27,6 +27,14 @@ created before it). When a block's backward starts, the streamer prefetches that
 already) and those of the block before it, which is the next one backward needs: the copy runs on the
 host->device stream under the current block's backward. Each fetched tensor is handed to the compute
 stream through an event, and record_stream keeps the allocator from reusing it early.
+
+Note [recompute rng]: a recomputed forward must draw the random numbers the first one drew. The device's
+generator (CUDA Philox) is kept as its seed and offset, two Python ints. The host generator's state can only
+be read into a new 5 KiB tensor, an allocation per block call per step, so a unit's first recorded call
+compares the host state before and after its forward, and later calls keep it only where the forward drew
+from it (a CUDA model's blocks rarely do; on a CPU device every dropout does). A block whose forward draws
+host random numbers on later calls but not on its first would recompute with other numbers: give it
+activations="keep" or "swap".
 """
 import contextlib
 import warnings
@@ -58,16 +66,56 @@ def _capture_autocast(device_type):
     return None
 
 
-class Replay:
-    """What re-running one block call needs: its inputs, RNG states and autocast state at the call."""
+def _device_generator(device):
+    """The default generator of a CUDA device (None on the CPU, whose generator is the host's)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
 
-    def __init__(self, module, args, kwargs, device, on_recompute):
+
+def _philox_state(gen):
+    """A CUDA generator's whole state, its Philox seed and offset, as Python ints: torch.cuda.get_rng_state
+    would make a host tensor of the same 16 bytes per call."""
+    return gen.initial_seed(), gen.get_offset()
+
+
+def _set_philox_state(gen, state):
+    gen.manual_seed(state[0])   # resets the offset, so it is set second
+    gen.set_offset(state[1])
+
+
+class HostRngUse:
+    """Whether one unit's forward draws from the host (CPU) generator: None until its first recorded call
+    has shown it (Note [recompute rng])."""
+    __slots__ = ("draws",)
+
+    def __init__(self):
+        self.draws = None
+
+
+class Replay:
+    """What re-running one block call needs: its inputs, RNG states and autocast state at the call.
+    host_rng: the unit's HostRngUse (None: the host generator's state is always kept)."""
+
+    def __init__(self, module, args, kwargs, device, on_recompute, host_rng=None):
         self.module, self.args, self.kwargs = module, args, kwargs
         self.device = device
-        self.cpu_rng = torch.get_rng_state()
-        self.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.device_gen = _device_generator(device)
+        self.device_rng = _philox_state(self.device_gen) if self.device_gen is not None else None
+        self.host_rng = host_rng
+        keep_host = host_rng is None or host_rng.draws is not False
+        self.cpu_rng = torch.get_rng_state() if keep_host else None
         self.autocast = _capture_autocast(device.type)
         self.on_recompute = on_recompute   # context manager factory: marks the engine as recomputing
+
+    def forward_done(self):
+        """The call's forward is over: a unit's first call learns whether its forward drew from the host
+        generator, and drops the state it kept when it did not."""
+        if self.host_rng is None or self.cpu_rng is None or self.host_rng.draws is not None:
+            return
+        self.host_rng.draws = not torch.equal(torch.get_rng_state(), self.cpu_rng)
+        if not self.host_rng.draws:
+            self.cpu_rng = None
 
     def run(self, around=contextlib.nullcontext):
         """Re-runs the call under `around()` and returns the tensors its forward saves, in order."""
@@ -85,16 +133,24 @@ class Replay:
             return x.detach().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x
 
         args, kwargs = tree_map(detach, self.args), tree_map(detach, self.kwargs)
-        devices = [self.device] if self.cuda_rng is not None else []
-        with torch.random.fork_rng(devices=devices):
-            torch.set_rng_state(self.cpu_rng)
-            if self.cuda_rng is not None:
-                torch.cuda.set_rng_state(self.cuda_rng, self.device)
+        gen = self.device_gen
+        device_now = _philox_state(gen) if gen is not None else None
+        host_now = torch.get_rng_state() if self.cpu_rng is not None else None
+        try:
+            if gen is not None:
+                _set_philox_state(gen, self.device_rng)
+            if host_now is not None:
+                torch.set_rng_state(self.cpu_rng)
             autocast = (torch.autocast(self.autocast[0], dtype=self.autocast[1]) if self.autocast
                         else contextlib.nullcontext())
             with torch.enable_grad(), autocast, self.on_recompute(), around(), \
                     torch.autograd.graph.saved_tensors_hooks(capture, _never_unpacked):
                 self.module(*args, **kwargs)
+        finally:   # backward goes on from the generators' states as they were before the replay
+            if gen is not None:
+                _set_philox_state(gen, device_now)
+            if host_now is not None:
+                torch.set_rng_state(host_now)
         return saved
 
     def release(self):
@@ -112,8 +168,8 @@ class RecomputeScope:
 
     prev = None
 
-    def __init__(self, module, args, kwargs, device, on_recompute):
-        self.replay = Replay(module, args, kwargs, device, on_recompute)
+    def __init__(self, module, args, kwargs, device, on_recompute, host_rng=None):
+        self.replay = Replay(module, args, kwargs, device, on_recompute, host_rng)
         self.count = 0
         self.saved = None
         self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
@@ -136,6 +192,7 @@ class RecomputeScope:
 
     def exit(self):
         """Nothing was sent out."""
+        self.replay.forward_done()
 
     def prefetch(self):
         """Nothing to bring back: the inputs are on the device."""
@@ -154,12 +211,12 @@ class OffloadedRecomputeScope(RecomputeScope):
     inputs (those that require grad, the activations flowing between blocks; masks and position tables are
     shared by every block and stay) are in a HostStash until the block's backward re-runs its forward."""
 
-    def __init__(self, module, args, kwargs, device, on_recompute, stash, prev=None):
+    def __init__(self, module, args, kwargs, device, on_recompute, stash, prev=None, host_rng=None):
         def send(x):
             if isinstance(x, torch.Tensor) and x.requires_grad and x.device.type == device.type:
                 return _OnHost(stash.put(x), x.requires_grad)
             return x
-        super().__init__(module, tree_map(send, args), tree_map(send, kwargs), device, on_recompute)
+        super().__init__(module, tree_map(send, args), tree_map(send, kwargs), device, on_recompute, host_rng)
         self.stash, self.prev = stash, prev
 
     def unpack(self, i):
@@ -170,6 +227,7 @@ class OffloadedRecomputeScope(RecomputeScope):
         return super().unpack(i)
 
     def exit(self):
+        super().exit()
         self.stash.sealed()
 
     def prefetch(self):
@@ -366,15 +424,17 @@ class SwapScope:
 def open_scope(policy, module, args, kwargs, *, unit, device, d2h, h2d, profiler, param_storages, on_recompute,
                prev, ledger=None, pool=None):
     """The saved-tensor scope of one block call under `policy` ("keep" and "auto" still undecided: None)."""
+    host_rng = unit.extra.setdefault("host_rng", HostRngUse())   # Note [recompute rng]
     if policy == "recompute":
-        return RecomputeScope(module, args, kwargs, device, on_recompute)
+        return RecomputeScope(module, args, kwargs, device, on_recompute, host_rng)
     if policy in ("swap", "recompute+offload") or isinstance(policy, float):
         stash = HostStash(device, d2h, h2d, profiler, unit.index, ledger, pool)
         if policy == "recompute+offload":
-            return OffloadedRecomputeScope(module, args, kwargs, device, on_recompute, stash, prev)
+            return OffloadedRecomputeScope(module, args, kwargs, device, on_recompute, stash, prev, host_rng)
         if policy == "swap":
             return SwapScope(device, stash, param_storages(), prev)
         from .token_split import TokenSplitScope
         return TokenSplitScope(module, args, kwargs, device, policy, stash,
-                               unit.extra.setdefault("split_layouts", {}), param_storages(), on_recompute, prev)
+                               unit.extra.setdefault("split_layouts", {}), param_storages(), on_recompute, prev,
+                               host_rng)
     return None

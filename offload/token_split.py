@@ -229,8 +229,8 @@ class TokenSplitScope:
     """The saved-tensor hooks of one block call under the token-wise split (Note [token split])."""
 
     def __init__(self, module, args, kwargs, device, fraction, stash, layouts, param_storages, on_recompute,
-                 prev=None):
-        self.replay = Replay(module, args, kwargs, device, on_recompute)
+                 prev=None, host_rng=None):
+        self.replay = Replay(module, args, kwargs, device, on_recompute, host_rng)
         self.stash, self.param_storages, self.prev = stash, param_storages, prev
         self.device = device
         g = geometry(args, kwargs)
@@ -309,6 +309,7 @@ class TokenSplitScope:
         return full
 
     def exit(self):
+        self.replay.forward_done()
         self.stash.sealed()
 
     def prefetch(self):

@@ -134,6 +134,35 @@ def test_dropout_matters():
     assert (a[0][1][name] - b[0][1][name]).norm() > 1e-3 * a[0][1][name].norm()
 
 
+@pytest.mark.parametrize("policy", ["recompute", 0.5], ids=str)
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_recompute_reads_the_host_rng_only_where_the_forward_draws(dropout, policy, monkeypatch):
+    """Note [recompute rng]: reading the host generator's state makes a tensor. Without dropout a block
+    reads it on its first call only (to learn that its forward leaves it alone); with dropout, at every call,
+    and the gradients equal keeping everything."""
+    model, data = make_gpt(dropout=dropout), token_batches(4)
+    ref, _ = _grads(model, data, "keep")
+    real, reads = torch.get_rng_state, []
+    monkeypatch.setattr(torch, "get_rng_state", lambda: reads.append(1) or real())
+    model = copy.deepcopy(model)
+    hooks = PolicyOnBlocks(model, policy)
+    torch.manual_seed(0)
+    got, per_batch = [], []
+    for b in data:
+        before = len(reads)
+        loss = model(**b).loss
+        loss.backward()
+        got.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        model.zero_grad(set_to_none=True)
+        per_batch.append(len(reads) - before)
+    _assert_same_grads(got, ref)
+    assert hooks.scopes
+    if dropout:
+        assert all(n > 0 for n in per_batch), per_batch
+    else:
+        assert per_batch[0] > 0 and per_batch[1:] == [0] * (len(data) - 1), per_batch
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_split_recomputes_only_dropped_rows_after_attention(name):
     """The calibrated split of a block runs its leaves from the output projection on (after attention) on

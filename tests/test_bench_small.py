@@ -115,3 +115,25 @@ def test_dist_reference_runs_one_and_two_ranks_and_records_the_scaling(tmp_path)
     assert len(two["losses"]) == 3 and all(x == x for x in two["losses"])
     assert summary["scaling_efficiency"] == pytest.approx(
         two["tokens_per_s"] / (2 * one["tokens_per_s"]), abs=2e-3)
+
+
+def test_the_kernel_floor_prices_each_layer_its_recompute_and_the_head():
+    """bench/reference.py's GPU floor from the model's own kernels: every layer's forward and backward, the
+    recomputed layers' forward again (as the run's activation plan counts them), and the head; the kernels
+    are timed on a tiny LLaMA layer here (on the CPU; the GPU run times them on the device)."""
+    import argparse
+    import reference
+    a = argparse.Namespace(hidden=32, inter=64, layers=3, heads=4, vocab=50, seq=16, mb=2, activations="auto",
+                           grad_accum=2)
+    t = reference.kernel_times(a, "cpu")
+    assert all(t[k] > 0 for k in ("block_fwd_s", "block_bwd_s", "head_s")), t
+    plan = {"act_plan": ["activations auto (after step 1): keep 1, recompute+offload 1, recompute 1, swap 4; "
+                         "measured per block 1 MiB"]}
+    assert reference.recomputed_blocks(a, plan, "offload") == 2
+    assert reference.recomputed_blocks(a, {}, "offload") == 0       # nothing said: no recompute priced
+    assert reference.recomputed_blocks(a, {}, "deepspeed") == 3     # gradient checkpointing on every layer
+    rates = {**t, "gemm_tflops": 1.0}
+    got = reference.floors(a, rates, system="pytorch", recomputed=2)["gpu_kernels_s"]
+    want = 2 * (3 * (t["block_fwd_s"] + t["block_bwd_s"]) + 2 * t["block_fwd_s"] + t["head_s"])
+    assert got == pytest.approx(want)
+    assert "gpu_kernels_s" not in reference.floors(a, {"gemm_tflops": 1.0}, system="pytorch", recomputed=2)
