@@ -190,6 +190,9 @@ def run_offload(a):
     if a.device_update_share is not None:   # a sweep of the planner's CPU/device AdamW split
         from offload import plan as plan_mod
         plan_mod.DEVICE_UPDATE_SHARE = a.device_update_share
+    if a.promote_arena_units is not None:   # Note [device states after the first step] in offload/plan.py
+        from offload import plan as plan_mod
+        plan_mod.PROMOTE_ARENA_UNITS = bool(a.promote_arena_units)
     if a.device_update_inflight is not None:   # Note [device-side update order] in offload/device_update.py
         from offload import device_update
         device_update.ISSUE_INFLIGHT = a.device_update_inflight
@@ -397,6 +400,7 @@ def measure_rates(device="cuda", nvme=None, a=None):
     if a is not None:
         try:
             r.update(kernel_times(a))
+            torch.cuda.empty_cache()   # the layer's memory goes back before the workers start
         except Exception as e:   # a transformers without these classes: the run goes on without this floor
             print(f"warning: the model's kernels could not be timed ({type(e).__name__}: {e}); no gpu_kernels_s "
                   f"floor in this run", file=sys.stderr, flush=True)
@@ -444,11 +448,7 @@ def kernel_times(a, device="cuda"):
         return (time.perf_counter() - t) / n
     fwd = seconds(block)
     both = seconds(lambda: block().backward(dy))
-    r = {"block_fwd_s": fwd, "block_bwd_s": max(both - fwd, 0.0), "head_s": seconds(head)}
-    del layer, x, dy, emb, norm, lm
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-    return r
+    return {"block_fwd_s": fwd, "block_bwd_s": max(both - fwd, 0.0), "head_s": seconds(head)}
 
 
 def recomputed_blocks(a, res, system):
@@ -625,6 +625,8 @@ def main(argv=None, extra=None, save=True):
     p.add_argument("--trace", default=None)
     p.add_argument("--device-update-share", type=float, default=None,
                    help="offload: the share of arena-state AdamW run on the GPU instead of the planner's")
+    p.add_argument("--promote-arena-units", type=int, default=None, choices=(0, 1),
+                   help="offload: 0 keeps arena states on the host where the first step leaves device room")
     p.add_argument("--device-update-inflight", type=int, default=None,
                    help="offload: queue the device-side AdamW's updates, lowest unit first, this many on the streams")
     p.add_argument("--disk-gb-s", type=float, default=None, help="measured disk rate for the disk floor")
@@ -715,6 +717,8 @@ def main(argv=None, extra=None, save=True):
             row["grad_accum"] = a.grad_accum
         if system == "offload" and a.device_update_share is not None:
             row["device_update_share"] = a.device_update_share
+        if system == "offload" and a.promote_arena_units is not None:
+            row["promote_arena_units"] = a.promote_arena_units
         if system == "offload" and a.device_update_inflight is not None:
             row["device_update_inflight"] = a.device_update_inflight
         row["timing"] = a.timing

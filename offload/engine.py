@@ -235,7 +235,7 @@ class Engine:
         self._peak_reset = False
         self._promoting = []   # units whose states move onto the device when this step ends
         deferred = [u for u in self.units if u.plan.promote]
-        if deferred:   # Note [device states after the first step] in plan.py
+        if deferred or self._arena_candidates():   # Note [device states after the first step] in plan.py
             self.streamer.pending_device_bytes = sum(plan_mod.device_state_bytes(u.shard.train) for u in deferred)
             self.streamer.on_first_backward = self._plan_promotion
         self.micro = 0
@@ -525,12 +525,20 @@ class Engine:
             room -= need
             return True
         self._promoting, host = plan_mod.promoted_states(deferred, host, rate, hides_s, lambda u: u.shard.train, fits)
-        claimed = sum(plan_mod.device_state_bytes(u.shard.train) for u in self._promoting)
+        extra = []
+        if len(self._promoting) == len(deferred):   # room left: the arena's units, first used first
+            cands = self._arena_candidates()
+            extra, host = plan_mod.promoted_states(cands, host, rate, hides_s,
+                                                   lambda u: u.shard.train if u.plan.update_on == "host" else 0, fits)
+        claimed = sum(plan_mod.device_state_bytes(u.shard.train) for u in self._promoting + extra)
         for u in deferred:
             u.plan.promote = False
-        moved = sum(u.shard.train * plan_mod.STATE_BYTES for u in self._promoting)
+        moved = sum(u.shard.train * plan_mod.STATE_BYTES for u in self._promoting + extra)
         rest = len(deferred) - len(self._promoting)
-        if not rest:
+        self._promoting += extra
+        if extra:
+            why = f"all fit, and {len(extra)} arena units' states follow ({', '.join(u.name for u in extra)})"
+        elif not rest:
             why = "all fit"
         elif cpu_hides():
             why = (f"the CPU AdamW of the rest ({host / rate:.3f} s) hides under backward ({hides_s:.3f} s), so "
@@ -541,11 +549,25 @@ class Engine:
                                f"gpu* units ({fmt_bytes(moved)}) move to the device; {why}")
         return claimed
 
+    def _arena_candidates(self):
+        """Units whose states may follow the deferred ones onto the device where the first step's peak left
+        room (Note [device states after the first step]): states in the arena, parameters resident on the
+        device, one rank, in forward order (the next forward needs the first units' updates first, and
+        backward finishes them last; on the device their update comes off the host's and the link's queue)."""
+        if not (self.tiers.cuda and plan_mod.PROMOTE_ARENA_UNITS and self.comm is None):
+            return []
+        fixed = {n for n, (_, states) in self.overrides.units.items() if states}   # the user's word stands
+        return sorted((u for u in self.units if u.trainable and u.plan.states_home == "cpu" and not u.plan.promote
+                       and u.plan.params_home == "gpu" and u.plan.shards == 1 and u.name not in fixed),
+                      key=lambda u: u.index)
+
     def _promote_states(self):
         """Moves the chosen units' master/m/v from the arena onto the device once their CPU updates landed;
         their arena bytes stay held (the arena is one region), their updates run on the device from now."""
         self.worker.sync()
         self.worker.raise_error()
+        if any(u.plan.update_on == "device" for u in self._promoting):
+            torch.cuda.synchronize(self.device)   # their device-side updates write the arena states back
         # The step's cached segments go back first, so the states get segments of their own instead of being
         # carved out of the large ones the next step's activations and logits need whole.
         torch.cuda.empty_cache()
@@ -561,7 +583,7 @@ class Engine:
             if t_copy is not None:
                 prof.end_work(t_copy, KIND_H2D, u.index, nbytes)
             st.grad = st.acc = st.out = None
-            p.states_home = "gpu"
+            p.states_home, p.update_on = "gpu", "host"   # update_on speaks of arena states only
             self.plan.bytes["gpu"] += nbytes
             self.plan.bytes["cpu"] -= nbytes
             self.tiers.count("h2d", nbytes)

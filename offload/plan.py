@@ -391,6 +391,9 @@ def engine_placement(units, *, itemsize, device, gpu_budget, cpu_budget, nvme, g
     return plan
 
 
+PROMOTE_ARENA_UNITS = True   # Note [device states after the first step]: arena units may follow the deferred
+
+
 def defer_device_states(plan, units, cpu_budget, grad_accum, keep=()):
     """Holds the states placed on the device in the arena instead, for the first step, where the CPU budget
     allows (Note [device states after the first step]); marks them UnitPlan.promote and moves their bytes.
@@ -420,7 +423,10 @@ def defer_device_states(plan, units, cpu_budget, grad_accum, keep=()):
 # device, in placement order, while the step's reserved peak (act_auto.device_room) leaves room under
 # gpu_memory and while the CPU AdamW's time exceeds what backward hides (otherwise the device bytes are worth
 # more to activations: act_auto gets what is left). A unit that does not move stays a CPU-state unit; its arena bytes were held from the
-# start, so nothing is allocated on the host later.
+# start, so nothing is allocated on the host later. Where every deferred unit moved and room is left, the
+# arena's own units follow under the same rule (PROMOTE_ARENA_UNITS; engine._arena_candidates), first used
+# first: the next forward needs the first blocks' updates first while backward finishes them last, so those
+# updates are the ones the host AdamW and the link would still be working on when forward starts.
 
 
 def _place_beside(units, act_reserve, staging, kw):

@@ -347,3 +347,34 @@ def test_device_states_move_after_the_first_step_as_far_as_room_allows(tmp_path,
         assert eng.plan.bytes["gpu"] == gpu_before + sum(u.shard.train * 12 for u in on_device)
         assert any(n.startswith("after the first step") for n in eng.plan.notes), eng.plan.notes
     assert_bf16_close(got, ref, model)
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0], ids=["cpu-adamw", "device-side-adamw"])
+def test_arena_states_follow_onto_the_device_where_room_is_left(monkeypatch, share):
+    """Note [device states after the first step]: where the first step's peak leaves room (here: what two
+    units' states need; activations kept, so no backward time is measured that the CPU AdamW could hide
+    under), arena units whose parameters are resident follow onto the device, first used first,
+    whether the CPU AdamW or the device-side AdamW updated them; a unit whose states the overrides fix to
+    the host stays there. Training equals the reference."""
+    from offload import act_auto, plan as plan_mod
+    model, batches = make_gpt(), token_batches(STEPS)
+    ref = run_reference(model, batches, hp=GPU_HP, device="cuda", autocast_dtype=BF16)
+    room = {}
+    monkeypatch.setattr(act_auto, "device_room", lambda budget, device: room["bytes"])
+    fixed = "blocks.0"   # units are named by their module; the first block's states stay on the host
+    with _device_update_engine(copy.deepcopy(model), share, monkeypatch, activations="keep",
+                               overrides={"units": {fixed: {"states": "cpu"}}}) as eng:
+        assert not any(u.plan.promote for u in eng.units), str(eng.plan)
+        cands = eng._arena_candidates()
+        assert len(cands) >= 3 and fixed not in [u.name for u in cands], [u.name for u in cands]
+        assert [u.index for u in cands] == sorted(u.index for u in cands)
+        was = {u.name: u.plan.update_on for u in cands}
+        room["bytes"] = sum(plan_mod.device_state_bytes(u.shard.train) for u in cands[:2])
+        got = train_engine(eng, batches, device="cuda")
+        moved = [u for u in eng.units if u.plan.states_home == "gpu"]
+        assert moved == cands[:2], (eng.plan.notes, [u.name for u in moved])
+        assert {was[u.name] for u in moved} == {"device" if share else "host"}
+        assert all(u.st.master.device.type == "cuda" and u.plan.update_on == "host" for u in moved)
+        assert all(u.st.master.device.type == "cpu" for u in eng.units if u.trainable and u not in moved)
+        assert any("arena units' states follow" in n for n in eng.plan.notes), eng.plan.notes
+    assert_bf16_close(got, ref, model)
