@@ -190,9 +190,6 @@ def run_offload(a):
     if a.device_update_share is not None:   # a sweep of the planner's CPU/device AdamW split
         from offload import plan as plan_mod
         plan_mod.DEVICE_UPDATE_SHARE = a.device_update_share
-    if a.device_update_inflight is not None:   # Note [device-side update order] in offload/device_update.py
-        from offload import device_update
-        device_update.ISSUE_INFLIGHT = a.device_update_inflight
     weights = None
     if a.weights == "random":
         from transformers import LlamaForCausalLM
@@ -547,8 +544,6 @@ def main(argv=None, extra=None, save=True):
     p.add_argument("--trace", default=None)
     p.add_argument("--device-update-share", type=float, default=None,
                    help="offload: the share of arena-state AdamW run on the GPU instead of the planner's")
-    p.add_argument("--device-update-inflight", type=int, default=None,
-                   help="offload: queue the device-side AdamW's updates, lowest unit first, this many on the streams")
     p.add_argument("--disk-gb-s", type=float, default=None, help="measured disk rate for the disk floor")
     p.add_argument("--timeout", type=int, default=900, help="seconds per system (its worker process)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: offload worker only, tiny sizes")
@@ -637,8 +632,6 @@ def main(argv=None, extra=None, save=True):
             row["grad_accum"] = a.grad_accum
         if system == "offload" and a.device_update_share is not None:
             row["device_update_share"] = a.device_update_share
-        if system == "offload" and a.device_update_inflight is not None:
-            row["device_update_inflight"] = a.device_update_inflight
         row["timing"] = a.timing
         for k in ("window_step_s", "setup_s", "plan_bytes", "moved", "moved_steps", "predicted_step_s", "act_plan",
                   "steady_state_growth_per_step", "adam_host_elems", "batch_overrides"):
