@@ -193,9 +193,6 @@ def run_offload(a):
     if a.promote_arena_units is not None:   # Note [device states after the first step] in offload/plan.py
         from offload import plan as plan_mod
         plan_mod.PROMOTE_ARENA_UNITS = bool(a.promote_arena_units)
-    if a.device_update_inflight is not None:   # Note [device-side update order] in offload/device_update.py
-        from offload import device_update
-        device_update.ISSUE_INFLIGHT = a.device_update_inflight
     weights = None
     if a.weights == "random":
         from transformers import LlamaForCausalLM
@@ -627,8 +624,6 @@ def main(argv=None, extra=None, save=True):
                    help="offload: the share of arena-state AdamW run on the GPU instead of the planner's")
     p.add_argument("--promote-arena-units", type=int, default=None, choices=(0, 1),
                    help="offload: 0 keeps arena states on the host where the first step leaves device room")
-    p.add_argument("--device-update-inflight", type=int, default=None,
-                   help="offload: queue the device-side AdamW's updates, lowest unit first, this many on the streams")
     p.add_argument("--disk-gb-s", type=float, default=None, help="measured disk rate for the disk floor")
     p.add_argument("--timeout", type=int, default=900, help="seconds per system (its worker process)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: offload worker only, tiny sizes")
@@ -719,8 +714,6 @@ def main(argv=None, extra=None, save=True):
             row["device_update_share"] = a.device_update_share
         if system == "offload" and a.promote_arena_units is not None:
             row["promote_arena_units"] = a.promote_arena_units
-        if system == "offload" and a.device_update_inflight is not None:
-            row["device_update_inflight"] = a.device_update_inflight
         row["timing"] = a.timing
         for k in ("window_step_s", "setup_s", "plan_bytes", "moved", "moved_steps", "predicted_step_s", "act_plan",
                   "steady_state_growth_per_step", "adam_host_elems", "batch_overrides"):

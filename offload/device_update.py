@@ -17,21 +17,17 @@ one chunk does not wait for the copy out of the unit before it.
 Without CUDA (the compute device is the CPU, as in CI) the same schedule runs synchronously with the
 engine's CPU AdamW (exact fp32 parity with torch.optim.AdamW), which is how the bookkeeping is tested.
 
-Note [device-side update order]: the streams run updates in the order they are issued. Issued as gradients
-land, the first blocks, which backward reaches last, are updated last; the next forward needs them first
-and waits for the whole queue (on the H200 reference step the device-side AdamW's queue of late-landing
-blocks ran ~0.15 s past the end of backward, and the next forward waited for all of it). An IssueQueue
-holds the updates on the host instead: at most `inflight` are on the streams at once, each time there is
-room the lowest unit index goes next (checked at every unit's gradients and every unit's use, a few ms
-apart against tens of ms an update), and a unit about to be used has its own update issued at once. With
-ISSUE_INFLIGHT None the engine issues each update as its gradients land, as before: the queue is an
-experiment until a GPU run shows it faster. Held updates keep their device gradients alive until issued
-(up to the device-side share of the model's gradients, 2.7 GB in bf16 on the reference workload), which
-the activation budget does not plan for: peak memory is part of that measurement.
+Note [device-side update order]: the streams run updates in the order they are issued, and each is issued as
+its unit's gradients land. The first blocks, which backward reaches last, are so updated last, and the next
+forward waits for the whole queue (~0.15 s past the end of backward on the H200 reference step). Two other
+orders measured slower there (bench/reference.py, 2026-12-02). Device-side updates on the blocks backward
+reaches first left the CPU a late start: 0.732 s against 0.699 s (plan.assign_update_sites). Updates held
+on the host and issued lowest unit first, N on the streams at once and a unit's own at its use (IssueQueue,
+measured at 2421ed8, since removed) looked faster per timed step only while updates were held past it:
+N=1 steps 0.643/0.696/0.710 s but a drained window mean of 0.782 s; N=2 0.609/0.643/0.671 s, rising each
+step as held updates piled up, window 0.722 s. Issued as they land: 0.699 s median, 0.705 s window in the
+same worker (0.682 s / 0.683 s in run 9d033f3149ad).
 """
-import heapq
-import itertools
-
 import torch
 
 from .adam import unit_adamw_
@@ -39,62 +35,6 @@ from .tiers import KIND_D2H, KIND_H2D
 
 CHUNK = 8 << 20   # elements per staged chunk: 96 MiB of fp32 states, large enough for full-rate copies
 STAGES = 2
-ISSUE_INFLIGHT = None   # None: updates issued as gradients land; N: an IssueQueue with N on the streams
-
-
-class IssueQueue:
-    """Device-side updates held on the host and issued lowest unit index first, at most `inflight` at once
-    (Note [device-side update order]). add(index, issue): issue() queues the update on the streams and
-    returns the event of its end (None: already done, as on the CPU)."""
-
-    def __init__(self, inflight):
-        if inflight < 1:
-            raise ValueError(f"inflight={inflight}: at least one update must be on the streams")
-        self.inflight = inflight
-        self.pending = []          # heap of (unit index, order, issue)
-        self.waiting = {}          # unit index -> its heap entry, while pending
-        self.running = []          # end events of issued updates not yet seen complete
-        self.order = itertools.count()
-
-    def add(self, index, issue):
-        if index in self.waiting:
-            raise RuntimeError(f"unit {index}: a second device-side update queued before the first was issued")
-        entry = [index, next(self.order), issue]
-        self.waiting[index] = entry
-        heapq.heappush(self.pending, entry)
-        self.pump()
-
-    def pump(self):
-        """Issues the lowest pending indices while fewer than `inflight` issued updates are unfinished."""
-        self.running = [ev for ev in self.running if not ev.query()]
-        while self.pending and len(self.running) < self.inflight:
-            self._issue(heapq.heappop(self.pending))
-
-    def take(self, index):
-        """The unit is about to be used: its pending update, if any, is issued now, whatever is in flight."""
-        entry = self.waiting.get(index)
-        if entry is not None:
-            self.pending.remove(entry)
-            heapq.heapify(self.pending)
-            self._issue(entry)
-        self.pump()
-
-    def flush(self):
-        """Issues everything pending, lowest index first."""
-        while self.pending:
-            self._issue(heapq.heappop(self.pending))
-
-    def _issue(self, entry):
-        """entry has left the heap; it leaves `waiting` only once issued, and goes back if issuing fails
-        (an out-of-memory error in the staging buffers, say), so no update is lost."""
-        try:
-            ev = entry[2]()
-        except BaseException:
-            heapq.heappush(self.pending, entry)
-            raise
-        del self.waiting[entry[0]]
-        if ev is not None:
-            self.running.append(ev)
 
 
 def fill_step(scalar, step, device):

@@ -17,7 +17,6 @@ from .oom import device_memory_guard
 from .optim import AdamW, UnitOptimizer, Worker, finite, warn_nonfinite
 from .overrides import parse_overrides
 from . import plan as plan_mod
-from . import device_update
 from .device_update import DeviceUpdater, chunk_elems
 from . import act_auto
 from .machine import cpu_adam_rate, machine_rates
@@ -223,10 +222,6 @@ class Engine:
         self.unit_opt = UnitOptimizer(self.tiers)
         dev_units = [u.numel_train for u in self.units if u.plan.update_on == "device"]
         self.device_updater = DeviceUpdater(self.device, self.tiers.count, chunk_elems(max(dev_units, default=1)))
-        self.device_queue = None
-        if dev_units and device_update.ISSUE_INFLIGHT:   # Note [device-side update order]
-            self.device_queue = device_update.IssueQueue(device_update.ISSUE_INFLIGHT)
-            self.tiers.before_use = lambda u: self.device_queue.take(u.index)
         self._device_updated = []   # units updated on the device this step, with their skip flags
         self.worker = Worker(on_error=self._unblock_all)
         self.tiers.check = self.worker.raise_error
@@ -406,26 +401,17 @@ class Engine:
         # This step's flag so far, before the event the update waits on. Kept per unit: step() reads each
         # unit's own; the next step's write is ordered after this update, which the unit's forward waits for.
         flag = self._found_inf(flag)
-        ready = None
-        if self.tiers.cuda:
-            ready = torch.cuda.Event()   # the gradients are complete; the update may wait on the host a while
+        if self.tiers.cuda:   # issued as the gradients land: Note [device-side update order] in device_update.py
+            ready = torch.cuda.Event()
             ready.record()
-
-        def issue():
-            if not self.tiers.cuda:
-                if not bool(flag):
-                    upd.update(u, grad, segments, hyper)
-                return None
             upd.load.wait_event(ready)   # here, not in update(): the traced span starts once the gradients are in
             t0 = prof.begin_work(KIND_OPTIM, u.index, upd.load) if prof else None
             st.update_event = upd.update(u, grad, segments, hyper, found_inf=flag, prof=prof)
             if t0 is not None:
                 prof.end_work(t0, KIND_OPTIM, u.index, u.numel_train * 24, upd.load)
-            return st.update_event
-        if self.device_queue is not None:   # Note [device-side update order]
-            self.device_queue.add(u.index, issue)
         else:
-            issue()
+            if not bool(flag):
+                upd.update(u, grad, segments, hyper)
         self._device_updated.append((u, flag, steps_before))
 
 
@@ -690,8 +676,6 @@ class Engine:
     # ---- state ---------------------------------------------------------------------------------------------------
     def sync(self):
         """Waits for every queued update and transfer."""
-        if self.device_queue is not None:
-            self.device_queue.flush()
         self.worker.sync()
         if self.tiers.cuda:
             torch.cuda.synchronize(self.device)
@@ -731,15 +715,11 @@ class Engine:
         # A failure of the optimizer thread not yet raised to the caller is raised here, but only after every
         # piece is released: hooks off the user's module, profiler, swap files and arena.
         try:
-            try:
-                if getattr(self, "device_queue", None) is not None:   # the module gets every update it was given
-                    self.device_queue.flush()
-            finally:
-                if hasattr(self, "worker"):
-                    try:
-                        self.worker.sync()
-                    finally:
-                        self.worker.close()
+            if hasattr(self, "worker"):
+                try:
+                    self.worker.sync()
+                finally:
+                    self.worker.close()
         finally:
             try:
                 if hasattr(self, "streamer"):

@@ -159,7 +159,6 @@ class Tiers:
         self.cuda = device.type == "cuda"
         self.h2d = torch.cuda.Stream(device) if self.cuda else None
         self.d2h = torch.cuda.Stream(device) if self.cuda else None
-        self.before_use = None   # callable(unit) run before a unit's parameters are waited for (engine)
         arena_bytes = plan.arena_bytes
         self.arena = HostArena(max(arena_bytes, 4096), pin=self.cuda) if arena_bytes else None
         uses_disk = any(p.params_home == "nvme" or p.states_home == "nvme" for p in plan.units)
@@ -408,8 +407,6 @@ class Tiers:
     def wait_ready(self, u):
         """Makes the compute stream wait for u's parameters (no host sync on CUDA), after any pending
         optimizer update of the unit has been issued."""
-        if self.before_use is not None:   # the engine's device-side update queue issues u's own update
-            self.before_use(u)
         self._wait_update(u)
         self.check()
         if u.state == UnitState.RELEASED:

@@ -6,36 +6,31 @@ The CUDA path (side streams, staging chunks, the fused kernel) is in test_engine
 import copy
 
 import pytest
-from hypothesis import example, given, settings, strategies as st
+from hypothesis import given, strategies as st
 import torch
 
 import offload
 from offload import plan as plan_mod
 from offload.plan import DEFAULT_RATES, assign_update_sites, plan_placement
 from offload.groups import split_units
-from conftest import HP, Run, assert_runs_match, param_count, run_reference, train_engine
+from conftest import HP, assert_runs_match, param_count, run_reference, train_engine
 from models import make_gpt, make_mlp, mlp_batches, token_batches
 
 
-def _engine(model, share, monkeypatch, inflight=None, **kw):
-    """Params resident on the compute side, states in the arena, a forced device-side share; inflight: the
-    IssueQueue's width (Note [device-side update order]), None: updates issued as gradients land."""
-    from offload import device_update
+def _engine(model, share, monkeypatch, **kw):
+    """Params resident on the compute side, states in the arena, a forced device-side share."""
     monkeypatch.setattr(plan_mod, "DEVICE_UPDATE_SHARE", share)
-    monkeypatch.setattr(device_update, "ISSUE_INFLIGHT", inflight)
     n = param_count(model)
     return offload.engine(model, optimizer=offload.AdamW(**HP), device="cpu", dtype=torch.float32,
                           gpu_memory=4 * n + (1 << 16), cpu_memory=None, **kw)
 
 
-@pytest.mark.parametrize("inflight", [None, 1], ids=["as-landed", "queued"])
 @pytest.mark.parametrize("share", [0.5, 1.0])
 @pytest.mark.parametrize("make, batches", [(make_mlp, mlp_batches), (make_gpt, token_batches)])
-def test_parity_with_torch_adamw(make, batches, share, inflight, monkeypatch):
+def test_parity_with_torch_adamw(make, batches, share, monkeypatch):
     model, data = make(), batches(5)
     ref = run_reference(model, data)
-    with _engine(copy.deepcopy(model), share, monkeypatch, inflight) as eng:
-        assert (eng.device_queue is not None) == (inflight is not None)
+    with _engine(copy.deepcopy(model), share, monkeypatch) as eng:
         sites = [p.update_on for p in eng.plan.units if p.states_home == "cpu"]
         assert "device" in sites and (share == 1.0) == ("host" not in sites), sites
         got = train_engine(eng, data)
@@ -43,13 +38,12 @@ def test_parity_with_torch_adamw(make, batches, share, inflight, monkeypatch):
     assert_runs_match(got, ref, model)
 
 
-@pytest.mark.parametrize("inflight", [None, 1], ids=["as-landed", "queued"])
-def test_nonfinite_gradient_skips_device_updates(monkeypatch, inflight):
+def test_nonfinite_gradient_skips_device_updates(monkeypatch):
     """A poisoned micro-batch in eager mode: every unit is updated on the device, all are skipped, no step
     count moves, and training then follows a reference that skipped that batch."""
     model, data = make_mlp(), mlp_batches(5)
     ref = run_reference(model, data, skip={2})
-    with _engine(copy.deepcopy(model), 1.0, monkeypatch, inflight) as eng:
+    with _engine(copy.deepcopy(model), 1.0, monkeypatch) as eng:
         got = train_engine(eng, data[:2])
         before = eng.state_dict()
         loss = eng(**data[2]).loss
@@ -87,120 +81,6 @@ def _plan(model):
     n = param_count(model)
     return units, plan_placement(units, itemsize=2, device="cuda:0", gpu_budget=2 * n + (1 << 16),
                                  cpu_budget=None, nvme=None, grad_accum=1, activations="keep")
-
-
-class _Busy:
-    """An update on the streams that never finishes: everything queued after it waits in the IssueQueue."""
-
-    def query(self):
-        return False
-
-
-@pytest.mark.parametrize("poison", [False, True], ids=["clean", "nonfinite"])
-def test_updates_held_in_the_queue_across_steps_equal_torch_adamw(monkeypatch, poison):
-    """On the CPU every update finishes as it is issued, so the queue never holds one by itself. With the
-    streams made to look busy for good, every device-side update waits in the IssueQueue: across step(),
-    until its unit's use in the next forward issues it, or a save/sync flushes it; a poisoned batch skips
-    the updates still held. Training still equals torch.optim.AdamW step for step, and one that skipped
-    the poisoned batch."""
-    model, data = make_mlp(), mlp_batches(5)
-    ref = run_reference(model, data, skip={2} if poison else set())
-    got = Run(losses=[], stepped=[], state={})
-    with _engine(copy.deepcopy(model), 1.0, monkeypatch, inflight=1) as eng:
-        eng.device_queue.running.append(_Busy())
-        queued = {u.index for u in eng.units if u.plan.update_on == "device"}
-        assert queued
-        for i, batch in enumerate(data):
-            held = set(eng.device_queue.waiting)
-            assert held == (queued if i else set()), (i, held)   # every update of the last step waits
-            loss = eng(**batch).loss
-            assert not eng.device_queue.waiting        # each unit's use issued its own
-            got.losses.append(loss.item())
-            eng.backward(loss * float("inf") if poison and i == 2 else loss)
-            if poison and i == 2:
-                with pytest.warns(RuntimeWarning, match="non-finite gradient"):
-                    got.stepped.append(eng.step())
-            else:
-                got.stepped.append(eng.step())
-        got.state = eng.state_dict()
-        assert not eng.device_queue.waiting            # state_dict() flushed the last step's
-        eng.backward(eng(**data[0]).loss)
-        eng.step()
-        assert eng.device_queue.waiting
-    assert not eng.device_queue.waiting                # and close() the next one's
-    assert got.stepped == [True, True, not poison, True, True]
-    assert_runs_match(got, ref, model)
-
-
-class _Event:
-    """A stand-in for a CUDA event: done once the test says so."""
-
-    def __init__(self):
-        self.done = False
-
-    def query(self):
-        return self.done
-
-
-@settings(max_examples=300)
-@example([("add", 0), ("add", 3), ("add", 1), ("use", 3), ("finish", 0), ("finish", 0), ("add", 0), ("flush", 0)], 1)
-@given(st.lists(st.tuples(st.sampled_from(["add", "use", "finish", "flush"]), st.integers(0, 7)), max_size=60),
-       st.integers(1, 3))
-def test_issue_queue_keeps_its_width_and_issues_lowest_index_first(ops, inflight):
-    """IssueQueue (Note [device-side update order]) against a model of it: never more than `inflight` issued
-    updates unfinished, except a unit taken for use, issued at once; whenever there is room the lowest
-    pending index goes; flush issues the rest lowest first; every update issued exactly once."""
-    from offload.device_update import IssueQueue
-    q = IssueQueue(inflight)
-    issued, events, pending, busy = [], [], set(), []
-    adds = 0
-
-    def issue_fn(i):
-        def issue():
-            issued.append(i)
-            busy.append(sum(not e.done for e in events))   # unfinished updates when this one was issued
-            events.append(_Event())
-            return events[-1]
-        return issue
-
-    def issued_by_pump(before):   # each one the lowest pending at its turn, and only into room
-        for k, j in enumerate(issued[before:], before):
-            assert j == min(pending), (j, pending)
-            assert busy[k] < inflight, (busy[k], inflight)
-            pending.discard(j)
-    for op, i in ops:
-        before = len(issued)
-        if op == "add":
-            if i in pending:
-                with pytest.raises(RuntimeError):
-                    q.add(i, issue_fn(i))
-                continue
-            pending.add(i)
-            adds += 1
-            q.add(i, issue_fn(i))
-            issued_by_pump(before)
-        elif op == "use":
-            taken = i in pending
-            q.take(i)
-            assert i not in q.waiting
-            if taken:
-                assert issued[before] == i
-                pending.discard(i)
-                before += 1
-            issued_by_pump(before)
-        elif op == "finish":
-            e = next((e for e in events if not e.done), None)
-            if e is not None:
-                e.done = True
-            q.pump()
-            issued_by_pump(before)
-        else:
-            q.flush()
-            assert issued[before:] == sorted(pending)
-            pending.clear()
-        # with room left, nothing waits
-        assert not pending or sum(not e.done for e in events) >= inflight
-    assert len(issued) == adds - len(pending) and pending == set(q.waiting)
 
 
 def test_planner_balances_cpu_against_pcie():

@@ -185,11 +185,10 @@ def test_peak_gpu_memory_within_budget(tmp_path, with_nvme):
 
 # ------------------------------------------------------------------- device-side AdamW of arena states
 
-def _device_update_engine(model, share, monkeypatch, inflight=None, **kw):
+def _device_update_engine(model, share, monkeypatch, **kw):
     import offload
-    from offload import device_update, plan as plan_mod
+    from offload import plan as plan_mod
     monkeypatch.setattr(plan_mod, "DEVICE_UPDATE_SHARE", share)
-    monkeypatch.setattr(device_update, "ISSUE_INFLIGHT", inflight)   # Note [device-side update order]
     from offload.device_update import chunk_elems, staging_bytes
     from offload.engine import ACTIVATION_SHARE
     from offload.groups import split_units
@@ -203,15 +202,13 @@ def _device_update_engine(model, share, monkeypatch, inflight=None, **kw):
                           cpu_memory=None, **kw)
 
 
-@pytest.mark.parametrize("inflight", [None, 1], ids=["as-landed", "queued"])
 @pytest.mark.parametrize("share", [0.5, 1.0])
-def test_device_side_adamw_bf16_parity(share, inflight, monkeypatch):
+def test_device_side_adamw_bf16_parity(share, monkeypatch):
     """Arena states streamed through the GPU and updated by the fused kernel (side streams, staged chunks)
-    match the fp32-master autocast reference like the CPU AdamW does, issued as gradients land or from the
-    queue that issues lowest index first."""
+    match the fp32-master autocast reference like the CPU AdamW does."""
     model, batches = make_gpt(), token_batches(STEPS)
     ref = run_reference(model, batches, hp=GPU_HP, device="cuda", autocast_dtype=BF16)
-    with _device_update_engine(copy.deepcopy(model), share, monkeypatch, inflight) as eng:
+    with _device_update_engine(copy.deepcopy(model), share, monkeypatch) as eng:
         assert any(p.update_on == "device" for p in eng.plan.units), str(eng.plan)
         got = train_engine(eng, batches, device="cuda")
     assert_bf16_close(got, ref, model)
@@ -247,18 +244,15 @@ def test_device_side_adamw_copies_are_traced(monkeypatch, tmp_path):
 
 def test_device_side_adamw_small_chunks_and_delays_change_nothing(monkeypatch):
     """Chunks far smaller than a unit (several staging rounds per unit) and GPU delays before every block:
-    bitwise the same losses and weights as without delays, and as with one chunk per unit; and the same
-    again with the updates queued and issued lowest index first, one at a time (Note [device-side update
-    order]): the order of independent units' updates changes nothing."""
+    bitwise the same losses and weights as without delays, and as with one chunk per unit."""
     from offload import device_update
     model, batches = make_gpt(), token_batches(4)
     runs = []
     with _deterministic():
-        for chunk, slow, inflight in ((device_update.CHUNK, False, None), (4096, False, None), (4096, True, None),
-                                      (4096, True, 1)):
+        for chunk, slow in ((device_update.CHUNK, False), (4096, False), (4096, True)):
             monkeypatch.setattr(device_update, "CHUNK", chunk)
             m = _with_delays(model) if slow else copy.deepcopy(model)
-            with _device_update_engine(m, 1.0, monkeypatch, inflight) as eng:
+            with _device_update_engine(m, 1.0, monkeypatch) as eng:
                 runs.append(train_engine(eng, batches, device="cuda"))
     for r in runs[1:]:
         assert r.losses == runs[0].losses
