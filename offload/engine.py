@@ -513,26 +513,34 @@ class Engine:
         self._promoting, host = plan_mod.promoted_states(deferred, host, rate, hides_s, lambda u: u.shard.train, fits)
         extra = []
         if len(self._promoting) == len(deferred):   # room left: the arena's units, first used first
-            cands = self._arena_candidates()
-            extra, host = plan_mod.promoted_states(cands, host, rate, hides_s,
-                                                   lambda u: u.shard.train if u.plan.update_on == "host" else 0, fits)
+            for u in self._arena_candidates():
+                if u.plan.update_on == "host" and cpu_hides():
+                    continue   # the CPU would hide its update: the room is worth more to activations
+                if fits(u):    # a device-side update's state traffic comes off the link whatever the CPU does
+                    extra.append(u)
+                    host -= u.shard.train if u.plan.update_on == "host" else 0
         claimed = sum(plan_mod.device_state_bytes(u.shard.train) for u in self._promoting + extra)
         for u in deferred:
             u.plan.promote = False
-        moved = sum(u.shard.train * plan_mod.STATE_BYTES for u in self._promoting + extra)
+        state_bytes = lambda us: sum(u.shard.train * plan_mod.STATE_BYTES for u in us)   # noqa: E731
         rest = len(deferred) - len(self._promoting)
-        self._promoting += extra
-        if extra:
-            why = f"all fit, and {len(extra)} arena units' states follow ({', '.join(u.name for u in extra)})"
-        elif not rest:
+        if deferred and not rest:
             why = "all fit"
         elif cpu_hides():
             why = (f"the CPU AdamW of the rest ({host / rate:.3f} s) hides under backward ({hides_s:.3f} s), so "
                    f"the device room goes to activations")
         else:
             why = f"{fmt_bytes(max(room, 0))} of gpu_memory was left at the first step's peak"
-        self.plan.notes.append(f"after the first step: states of {len(self._promoting)} of {len(deferred)} "
-                               f"gpu* units ({fmt_bytes(moved)}) move to the device; {why}")
+        follow = (f"the states of {len(extra)} arena units follow ({fmt_bytes(state_bytes(extra))}: "
+                  f"{', '.join(u.name for u in extra)})")
+        if deferred:
+            note = (f"states of {len(self._promoting)} of {len(deferred)} gpu* units "
+                    f"({fmt_bytes(state_bytes(self._promoting))}) move to the device; {why}"
+                    + (f"; {follow}" if extra else ""))
+        else:
+            note = follow + " onto the device" if extra else f"no arena unit's states move to the device; {why}"
+        self.plan.notes.append("after the first step: " + note)
+        self._promoting += extra
         return claimed
 
     def _arena_candidates(self):
