@@ -647,7 +647,7 @@ def main(argv=None, extra=None, save=True):
     rates = json.loads(a.rates) if a.rates else measure_rates(a.device, a.nvme if a.measure_disk else None, a)
     if a.disk_gb_s:
         rates["disk_gb_s"] = a.disk_gb_s
-    print("rates:", json.dumps({k: round(v, 2) for k, v in rates.items()}), flush=True)
+    print("rates:", json.dumps({k: round(v, 2 if v >= 1 else 5) for k, v in rates.items()}), flush=True)
     rows = []
     for system in a.systems.split(","):
         argv = sys.argv[1:] if argv is None else list(argv)
@@ -680,7 +680,7 @@ def main(argv=None, extra=None, save=True):
                     "cpu_memory": a.cpu_memory, "nvme": a.nvme, "mb": a.mb, "seq": a.seq,
                     **({"grad_accum": a.grad_accum} if a.grad_accum > 1 else {}),
                     **({"ranks": a.ranks} if a.ranks > 1 else {}),
-                    "rates": {k: round(v, 2) for k, v in rates.items()}, "run": run_id()})
+                    "rates": {k: round(v, 2 if v >= 1 else 5) for k, v in rates.items()}, "run": run_id()})
             rows.append(record(fail) if save else fail)
             continue
         a.steps_total = a.steps + a.warmup
@@ -700,7 +700,7 @@ def main(argv=None, extra=None, save=True):
                "floor_s": round(fl[largest], 4) if fl else None,
                "bottleneck": largest.replace("_s", "") if fl else None,
                "measured_over_floor": round(step_s / fl[largest], 3) if fl else None,
-               "floors": {k: round(v, 4) for k, v in fl.items()}, "rates": {k: round(v, 2) for k, v in rates.items()},
+               "floors": {k: round(v, 4) for k, v in fl.items()}, "rates": {k: round(v, 2 if v >= 1 else 5) for k, v in rates.items()},
                "losses": [round(x, 4) for x in res["losses"]], "step_times": [round(x, 3) for x in res["times"]],
                "gpu_cap_gib": a.gpu_cap if system != "pytorch" else None, "cpu_memory": a.cpu_memory,
                "activations": (res.get("batch_overrides") or {}).get("activations", a.activations)
