@@ -13,7 +13,11 @@ those disk bytes per step at the measured rates (offload.plan.disk_seconds, as t
 Expect the offload step to be disk-bound: with 16 GiB of CPU memory most of the 40 GB of fp32 master and
 moments live on the disk and are read and written back every step (tens of seconds at ~1.3 GB/s read and ~2
 GB/s write); DeepSpeed measured 47.69 s/step here. Setup writes the initial states to the disk first. Hence
---steps 2 --warmup 1 by default, and a time budget (default 540 s, under one 10-minute device call):
+--steps 2 --warmup 1 by default, and a time budget (default 540 s, under one 10-minute device call). So few
+steps are timed with --timing device (every step synchronised; Note [step timing] in reference.py): timed
+from loss read to loss read, the first timed step started with no backlog (the warm-up's promotion of states
+waits for its updates) and ended with its whole disk update still queued, and the median of two such
+intervals is no step time (run 05997af4364d: 1.76 and 26.1 s, median 13.9 s, window 27.6 s a step):
 
   python bench/nvme_regime.py --systems offload --mbs 4,16                 # ~6 min
   python bench/nvme_regime.py --systems deepspeed --mbs 4 --timeout 500    # ~5-8 min (its setup is slow)
@@ -86,7 +90,7 @@ def main(argv=None):
             os.makedirs(path)
             argv = shape + ["--systems", system, "--bench", bench, "--mb", str(mb), "--steps", str(a.steps),
                             "--warmup", str(a.warmup), "--nvme", path, "--timeout", str(int(min(a.timeout, left))),
-                            "--rates", json.dumps(rates)]
+                            "--rates", json.dumps(rates), "--timing", "device"]
             if system == "offload":
                 argv += ["--cpu-memory", cpu_mem, "--weights", "random", "--grad-accum", str(a.grad_accum)]
             print(f"== {system} mb {mb}: timeout {min(a.timeout, left):.0f} s", flush=True)
