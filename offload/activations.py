@@ -30,10 +30,11 @@ stream through an event, and record_stream keeps the allocator from reusing it e
 
 Note [recompute rng]: a recomputed forward must draw the random numbers the first one drew. The device's
 generator (CUDA Philox) is kept as its seed and offset, two Python ints. The host generator's state can only
-be read into a new 5 KiB tensor, an allocation per block call per step, so a unit's first recorded call
-compares the host state before and after its forward, and later calls keep it only where the forward drew
-from it (a CUDA model's blocks rarely do; on a CPU device every dropout does). A block whose forward draws
-host random numbers on later calls but not on its first would recompute with other numbers: give it
+be read into a new 5 KiB tensor, an allocation per block call per step, so the first recorded call of a
+module in a mode (training or eval: an eval-mode dropout draws nothing) compares the host state before and
+after its forward, and later calls of that module in that mode keep it only where the forward drew from it
+(a CUDA model's blocks rarely do; on a CPU device every dropout does). A block whose forward in one mode
+draws host random numbers on later calls but not on its first would recompute with other numbers: give it
 activations="keep" or "swap".
 """
 import contextlib
@@ -85,8 +86,8 @@ def _set_philox_state(gen, state):
 
 
 class HostRngUse:
-    """Whether one unit's forward draws from the host (CPU) generator: None until its first recorded call
-    has shown it (Note [recompute rng])."""
+    """Whether a module's forward in one mode draws from the host (CPU) generator: None until its first
+    recorded call has shown it (Note [recompute rng])."""
     __slots__ = ("draws",)
 
     def __init__(self):
@@ -95,7 +96,7 @@ class HostRngUse:
 
 class Replay:
     """What re-running one block call needs: its inputs, RNG states and autocast state at the call.
-    host_rng: the unit's HostRngUse (None: the host generator's state is always kept)."""
+    host_rng: the HostRngUse of the module in its mode (None: the host generator's state is always kept)."""
 
     def __init__(self, module, args, kwargs, device, on_recompute, host_rng=None):
         self.module, self.args, self.kwargs = module, args, kwargs
@@ -424,7 +425,9 @@ class SwapScope:
 def open_scope(policy, module, args, kwargs, *, unit, device, d2h, h2d, profiler, param_storages, on_recompute,
                prev, ledger=None, pool=None):
     """The saved-tensor scope of one block call under `policy` ("keep" and "auto" still undecided: None)."""
-    host_rng = unit.extra.setdefault("host_rng", HostRngUse())   # Note [recompute rng]
+    uses = unit.extra.setdefault("host_rng", {})   # Note [recompute rng]: per module and mode
+    key = (id(module), module.training)
+    host_rng = uses.get(key) or uses.setdefault(key, HostRngUse())
     if policy == "recompute":
         return RecomputeScope(module, args, kwargs, device, on_recompute, host_rng)
     if policy in ("swap", "recompute+offload") or isinstance(policy, float):

@@ -520,8 +520,9 @@ class Engine:
                     extra.append(u)
                     host -= u.shard.train if u.plan.update_on == "host" else 0
         claimed = sum(plan_mod.device_state_bytes(u.shard.train) for u in self._promoting + extra)
-        for u in deferred:
-            u.plan.promote = False
+        chosen = {id(u) for u in self._promoting + extra}
+        for u in deferred + extra:   # marked until they move in step(): the activation plan made in between
+            u.plan.promote = id(u) in chosen   # prices their state traffic where it is headed
         state_bytes = lambda us: sum(u.shard.train * plan_mod.STATE_BYTES for u in us)   # noqa: E731
         rest = len(deferred) - len(self._promoting)
         if deferred and not rest:
@@ -577,7 +578,7 @@ class Engine:
             if t_copy is not None:
                 prof.end_work(t_copy, KIND_H2D, u.index, nbytes)
             st.grad = st.acc = st.out = None
-            p.states_home, p.update_on = "gpu", "host"   # update_on speaks of arena states only
+            p.states_home, p.update_on, p.promote = "gpu", "host", False   # update_on: arena states only
             self.plan.bytes["gpu"] += nbytes
             self.plan.bytes["cpu"] -= nbytes
             self.tiers.count("h2d", nbytes)

@@ -458,9 +458,11 @@ def state_traffic_bytes(units, plans, itemsize, micro_batches=1):
         pb, tb = u.numel // k * itemsize, u.numel_train // k * itemsize
         if p.params_home != "gpu":
             fetch += 2 * pb * m                # forward and backward fetch
-        if p.update_on == "device":
+        if p.promote:
+            pass                               # states on their way to the device: priced where they are headed
+        elif p.update_on == "device":
             update += 2 * u.numel_train * STATE_BYTES   # master/m/v in and back out (Note [device-side AdamW])
-        elif p.states_home in ("cpu", "nvme") and not p.promote:   # promoted: priced where it is headed
+        elif p.states_home in ("cpu", "nvme"):
             update += tb * m                   # gradients out
             adam += u.numel_train // k
             if p.params_home == "gpu":

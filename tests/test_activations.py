@@ -70,10 +70,13 @@ class PolicyOnBlocks:
             h.remove()
 
 
-def _grads(model, batches, policy, seed=0):
-    """Per micro-batch: the loss and every parameter's gradient, under `policy`, from the same RNG seed."""
+def _grads(model, batches, policy, seed=0, before=None):
+    """Per micro-batch: the loss and every parameter's gradient, under `policy`, from the same RNG seed.
+    before(model): run once with the policy installed, before the seed is set."""
     model = copy.deepcopy(model)
     hooks = PolicyOnBlocks(model, policy) if policy != "keep" else None
+    if before is not None:
+        before(model)
     torch.manual_seed(seed)
     out = []
     for b in batches:
@@ -161,6 +164,23 @@ def test_recompute_reads_the_host_rng_only_where_the_forward_draws(dropout, poli
         assert all(n > 0 for n in per_batch), per_batch
     else:
         assert per_batch[0] > 0 and per_batch[1:] == [0] * (len(data) - 1), per_batch
+
+
+def test_an_eval_mode_first_call_does_not_hide_training_dropout():
+    """Note [recompute rng]: a first call in eval mode with gradients on (a validation loss) draws nothing
+    from the host generator; the training calls after it still keep its state, so their recompute draws
+    the forward's dropout masks and the gradients equal keeping everything."""
+    model, data = _gpt_with_dropout(), token_batches(3)
+
+    def validate(m):
+        m.eval()
+        m(**data[0]).loss.detach()
+        m.train()
+    ref, _ = _grads(model, data, "keep")
+    got, hooks = _grads(model, data, "recompute", before=validate)
+    _assert_same_grads(got, ref)
+    uses = [u for unit in hooks.units.values() for u in unit.extra["host_rng"].values()]
+    assert {u.draws for u in uses} == {False, True}, [u.draws for u in uses]   # eval: none; training: draws
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

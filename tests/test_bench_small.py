@@ -132,6 +132,8 @@ def test_the_kernel_floor_prices_each_layer_its_recompute_and_the_head():
     assert reference.recomputed_blocks(a, plan, "offload") == 2
     assert reference.recomputed_blocks(a, {}, "offload") == 0       # nothing said: no recompute priced
     assert reference.recomputed_blocks(a, {}, "deepspeed") == 3     # gradient checkpointing on every layer
+    # the batch plan's policy where it overrode --activations
+    assert reference.recomputed_blocks(a, {"batch_overrides": {"activations": "recompute"}}, "offload") == 3
     rates = {**t, "gemm_tflops": 1.0}
     got = reference.floors(a, rates, system="pytorch", recomputed=2)["gpu_kernels_s"]
     want = 2 * (3 * (t["block_fwd_s"] + t["block_bwd_s"]) + 2 * t["block_fwd_s"] + t["head_s"])

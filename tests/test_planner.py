@@ -105,6 +105,20 @@ def test_predicted_times_are_bytes_over_rates(tiny):
     assert p.bottleneck == pred.bottleneck
 
 
+def test_states_on_their_way_to_the_device_cost_no_link_traffic(tiny):
+    """Note [device states after the first step]: a unit marked to move its states onto the device (promote)
+    is priced where it is headed, whether the CPU AdamW or the device-side AdamW updated it until then, so
+    the activation plan made between the choice and the move sees the link as it will be."""
+    units, _ = tiny
+    p = _plan(units, gpu=PADDED * 2 + 4096, cpu=1 << 30)
+    full = planmod.state_traffic_bytes(units, p.units, 2)
+    for p_unit, upd in zip(p.units[1:3], ("host", "device")):
+        p_unit.update_on, p_unit.promote = upd, True
+    moving = planmod.state_traffic_bytes(units, p.units, 2)
+    assert moving["pcie"] == full["pcie"] - 2 * 2 * 2 * BLOCK_PADDED   # two blocks' gradients out, params in
+    assert moving["adam_elems"] == full["adam_elems"] - 2 * BLOCK_PADDED
+
+
 def test_disk_time_adds_reads_and_writes(tiny):
     units, shape = tiny
     p = _plan(units, gpu=PADDED * 2 + 4096, cpu=PADDED * 2 + 2 * BLOCK_PADDED * 12, nvme=["/nvme"])
