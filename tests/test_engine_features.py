@@ -565,10 +565,14 @@ def test_optimizer_failure_raises_once_and_training_goes_on(mix, fail_at, tmp_pa
     assert len(losses) >= 3 and all(math.isfinite(x) for x in losses) and applied[-1] is True
 
 
-def _promotion_case(monkeypatch, room, units=4, numel=1000, host_other=0, auto=False, fwd_s=None, rate=1e9):
+def _promotion_case(monkeypatch, room, units=4, numel=1000, host_other=0, auto=False, fwd_s=None, rate=1e9,
+                    arena=(), fixed=()):
     """Engine._plan_promotion on stand-ins of an engine after its first backward: `units` deferred blocks of
-    `numel` trainable elements, `host_other` more elements updated by the CPU AdamW, `room` device bytes left
-    (act_auto.device_room), a CPU AdamW of `rate` elements/s. Returns (indices promoted, claimed, the note)."""
+    `numel` trainable elements, `host_other` more elements updated by the CPU AdamW (parameters streamed, so
+    never a candidate to follow), `arena` blocks of `numel` with states in the arena and resident parameters,
+    each updated where its entry says ("host" or "device"), `fixed` names of units whose states the
+    overrides fix, `room` device bytes left (act_auto.device_room), a CPU AdamW of `rate` elements/s.
+    Returns (indices promoted, claimed, the note)."""
     import importlib
     from types import SimpleNamespace as NS
     from offload import act_auto
@@ -576,14 +580,20 @@ def _promotion_case(monkeypatch, room, units=4, numel=1000, host_other=0, auto=F
     monkeypatch.setattr(act_auto, "device_room", lambda budget, device: room)
     monkeypatch.setattr(engine_mod, "cpu_adam_rate", lambda device: rate)
     policy = "auto" if auto else "keep"
-    plans = [NS(promote=True, activations=policy, states_home="cpu", update_on="host", numel_train=numel,
-                shards=1) for _ in range(units)]
-    plans.append(NS(promote=False, activations=policy, states_home="cpu", update_on="host",
-                    numel_train=host_other, shards=1))
-    us = [NS(index=i, plan=p, kind="block", shard=NS(train=p.numel_train)) for i, p in enumerate(plans)]
-    fake = NS(units=us, plan=NS(budgets={"gpu": 1 << 40}, units=plans, notes=[]), device=None, _promoting=[])
+
+    def plan(promote, n, update_on="host", params_home="gpu"):
+        return NS(promote=promote, activations=policy, states_home="cpu", update_on=update_on, numel_train=n,
+                  shards=1, params_home=params_home)
+    plans = [plan(True, numel) for _ in range(units)] + [plan(False, host_other, params_home="cpu")]
+    plans += [plan(False, numel, update_on=where) for where in arena]
+    us = [NS(index=i, name=f"u{i}", plan=p, kind="block", trainable=True, shard=NS(train=p.numel_train))
+          for i, p in enumerate(plans)]
+    fake = NS(units=us, plan=NS(budgets={"gpu": 1 << 40}, units=plans, notes=[]), device=None, _promoting=[],
+              tiers=NS(cuda=True), comm=None, overrides=NS(units={n: (None, "cpu") for n in fixed}))
+    fake._arena_candidates = lambda: engine_mod.Engine._arena_candidates(fake)
     claimed = engine_mod.Engine._plan_promotion(fake, fwd_s)
-    assert not any(p.promote for p in plans)
+    # the chosen stay marked until they move in step() (the activation plan prices them on the device)
+    assert [p.promote for p in plans] == [u in fake._promoting for u in us]
     return [u.index for u in fake._promoting], claimed, fake.plan.notes[-1]
 
 
@@ -610,6 +620,30 @@ def test_promotion_with_auto_stops_once_the_cpu_adamw_hides_under_backward(monke
     assert got == [] and "hides under backward" in note     # 4.5 s of CPU AdamW under 18 s: nothing moves
     got, _, _ = _promotion_case(monkeypatch, room=1 << 30, host_other=500, auto=False, fwd_s=10.0, rate=1000.0)
     assert got == [0, 1, 2, 3]                              # keep: no activations to give the room to
+
+
+def test_arena_states_follow_the_deferred_ones_while_room_lasts(monkeypatch):
+    """Note [device states after the first step]: once every deferred unit has moved, the arena units with
+    resident parameters follow in forward order while room lasts, whichever AdamW updated them; none follow
+    where a deferred unit found no room, nor a unit whose states the overrides fix. With "auto", a unit the
+    CPU AdamW updates stays once the CPU's rest hides under backward, while a device-side one still follows
+    (its states' traffic is the link's)."""
+    per = 16 * 1000
+    got, claimed, note = _promotion_case(monkeypatch, room=1 << 30, arena=("host", "device"))
+    assert got == [0, 1, 2, 3, 5, 6] and claimed == 6 * per
+    assert "all fit; the states of 2 arena units follow" in note and "u5, u6" in note
+    got, _, note = _promotion_case(monkeypatch, room=5 * per, arena=("host", "device"))
+    assert got == [0, 1, 2, 3, 5] and "1 arena units follow" in note
+    got, _, note = _promotion_case(monkeypatch, room=3 * per, arena=("host", "device"))
+    assert got == [0, 1, 2] and "arena" not in note
+    got, _, _ = _promotion_case(monkeypatch, room=1 << 30, arena=("host", "device"), fixed=("u5",))
+    assert got == [0, 1, 2, 3, 6]
+    # forward 1 s at 1000 elements/s: backward hides 1800; the host's 500 + 1000 of u5 after the deferred moved
+    got, _, _ = _promotion_case(monkeypatch, room=1 << 30, units=1, host_other=500, auto=True, fwd_s=1.0,
+                                rate=1000.0, arena=("host", "device"))
+    assert got == [0, 3]
+    got, _, note = _promotion_case(monkeypatch, room=1 << 30, units=0, arena=("host", "device"))
+    assert got == [1, 2] and note.startswith("after the first step: the states of 2 arena units follow")
 
 
 def test_backward_that_raises_gives_its_units_back_and_training_goes_on(tmp_path):
