@@ -513,12 +513,9 @@ class Engine:
         self._promoting, host = plan_mod.promoted_states(deferred, host, rate, hides_s, lambda u: u.shard.train, fits)
         extra = []
         if len(self._promoting) == len(deferred):   # room left: the arena's units, first used first
-            for u in self._arena_candidates():
-                if u.plan.update_on == "host" and cpu_hides():
-                    continue   # the CPU would hide its update: the room is worth more to activations
-                if fits(u):    # a device-side update's state traffic comes off the link whatever the CPU does
-                    extra.append(u)
-                    host -= u.shard.train if u.plan.update_on == "host" else 0
+            on_cpu = lambda u: u.plan.update_on == "host"   # noqa: E731
+            extra, host = plan_mod.promoted_states(self._arena_candidates(), host, rate, hides_s,
+                                                   lambda u: u.shard.train if on_cpu(u) else 0, fits, on_cpu)
         claimed = sum(plan_mod.device_state_bytes(u.shard.train) for u in self._promoting + extra)
         chosen = {id(u) for u in self._promoting + extra}
         for u in deferred + extra:   # marked until they move in step(): the activation plan made in between

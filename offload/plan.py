@@ -721,16 +721,17 @@ def _after_first_step(units, plan, act, shape, tokens, kw, micro_batches):
     return held
 
 
-def promoted_states(deferred, host, rate, hides_s, elems, fits=lambda d: True):
+def promoted_states(deferred, host, rate, hides_s, elems, fits=lambda d: True, on_cpu=lambda d: True):
     """The rule of Note [device states after the first step], which engine._plan_promotion applies after the
-    first step and plan_for_batch predicts: walking the deferred units in placement order, one moves onto the
-    device where fits(it) (the caller's device room, which a True answer claims) unless the CPU AdamW of what
-    stays on the host (host elements at rate elements/s) already hides under backward (hides_s; None: never
-    counted as hidden). elems(unit): its elements the CPU AdamW would update. Returns (the units that move,
-    the host elements left)."""
+    first step and plan_for_batch predicts: walking the units in order, one moves onto the device where
+    fits(it) (the caller's device room, which a True answer claims) unless the CPU AdamW updates it
+    (on_cpu(unit); a device-side update's state traffic is the link's, whatever the CPU does) and the CPU
+    AdamW of what stays on the host (host elements at rate elements/s) already hides under backward
+    (hides_s; None: never counted as hidden). elems(unit): its elements the CPU AdamW would update. Returns
+    (the units that move, the host elements left)."""
     moved = []
     for d in deferred:
-        if hides_s is not None and host / rate <= hides_s:
+        if on_cpu(d) and hides_s is not None and host / rate <= hides_s:
             continue
         if fits(d):
             moved.append(d)
