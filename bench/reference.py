@@ -456,6 +456,16 @@ def kernel_times(a, device="cuda"):
     return {"block_fwd_s": seconds(block), "block_bwd_s": backward_seconds(), "head_s": seconds(head)}
 
 
+def _rounded(rates):
+    """Rates for a row or the log: two decimals, five below 1 (the kernel times, in seconds)."""
+    return {k: round(v, 2 if v >= 1 else 5) for k, v in rates.items()}
+
+
+def run_policy(a, res):
+    """The activation policy offload's worker ran with: the batch plan's where it overrode --activations."""
+    return (res.get("batch_overrides") or {}).get("activations", a.activations)
+
+
 def recomputed_blocks(a, res, system):
     """Blocks whose forward runs twice a step: every layer under the gradient checkpointing that PyTorch and
     DeepSpeed run with here; for offload, what its activation plan says (act_plan, "recompute" and
@@ -464,8 +474,8 @@ def recomputed_blocks(a, res, system):
     import re
     if system != "offload":
         return a.layers
-    if (res.get("batch_overrides") or {}).get("activations", a.activations) in ("recompute", "recompute+offload"):
-        return a.layers   # the policy the run used: the batch plan's where it overrode --activations
+    if run_policy(a, res) in ("recompute", "recompute+offload"):
+        return a.layers
     n = 0
     for note in res.get("act_plan") or []:
         counts = note.split("):", 1)[-1].split(";", 1)[0]
@@ -655,7 +665,7 @@ def main(argv=None, extra=None, save=True):
     rates = json.loads(a.rates) if a.rates else measure_rates(a.device, a.nvme if a.measure_disk else None, a)
     if a.disk_gb_s:
         rates["disk_gb_s"] = a.disk_gb_s
-    print("rates:", json.dumps({k: round(v, 2 if v >= 1 else 5) for k, v in rates.items()}), flush=True)
+    print("rates:", json.dumps(_rounded(rates)), flush=True)
     rows = []
     for system in a.systems.split(","):
         argv = sys.argv[1:] if argv is None else list(argv)
@@ -688,7 +698,7 @@ def main(argv=None, extra=None, save=True):
                     "cpu_memory": a.cpu_memory, "nvme": a.nvme, "mb": a.mb, "seq": a.seq,
                     **({"grad_accum": a.grad_accum} if a.grad_accum > 1 else {}),
                     **({"ranks": a.ranks} if a.ranks > 1 else {}),
-                    "rates": {k: round(v, 2 if v >= 1 else 5) for k, v in rates.items()}, "run": run_id()})
+                    "rates": _rounded(rates), "run": run_id()})
             rows.append(record(fail) if save else fail)
             continue
         a.steps_total = a.steps + a.warmup
@@ -708,11 +718,10 @@ def main(argv=None, extra=None, save=True):
                "floor_s": round(fl[largest], 4) if fl else None,
                "bottleneck": largest.replace("_s", "") if fl else None,
                "measured_over_floor": round(step_s / fl[largest], 3) if fl else None,
-               "floors": {k: round(v, 4) for k, v in fl.items()}, "rates": {k: round(v, 2 if v >= 1 else 5) for k, v in rates.items()},
+               "floors": {k: round(v, 4) for k, v in fl.items()}, "rates": _rounded(rates),
                "losses": [round(x, 4) for x in res["losses"]], "step_times": [round(x, 3) for x in res["times"]],
                "gpu_cap_gib": a.gpu_cap if system != "pytorch" else None, "cpu_memory": a.cpu_memory,
-               "activations": (res.get("batch_overrides") or {}).get("activations", a.activations)
-               if system == "offload" else None}
+               "activations": run_policy(a, res) if system == "offload" else None}
         row.update(mb=a.mb, seq=a.seq, nvme=a.nvme)
         if a.ranks > 1:
             row.update(ranks=a.ranks, tokens_per_s_per_gpu=round(tokens / a.ranks / step_s, 1))
