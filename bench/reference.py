@@ -193,6 +193,9 @@ def run_offload(a):
     if a.promote_arena_units is not None:   # Note [device states after the first step] in offload/plan.py
         from offload import plan as plan_mod
         plan_mod.PROMOTE_ARENA_UNITS = bool(a.promote_arena_units)
+    if a.device_tier_at_landing is not None:   # Note [device-tier update at landing] in offload/engine.py
+        from offload import plan as plan_mod
+        plan_mod.DEVICE_TIER_AT_LANDING = bool(a.device_tier_at_landing)
     weights = None
     if a.weights == "random":
         from transformers import LlamaForCausalLM
@@ -642,6 +645,8 @@ def main(argv=None, extra=None, save=True):
                    help="offload: the share of arena-state AdamW run on the GPU instead of the planner's")
     p.add_argument("--promote-arena-units", type=int, default=None, choices=(0, 1),
                    help="offload: 0 keeps arena states on the host where the first step leaves device room")
+    p.add_argument("--device-tier-at-landing", type=int, default=None, choices=(0, 1),
+                   help="offload: 0 updates device-tier units at step() from an fp32 gradient buffer each")
     p.add_argument("--disk-gb-s", type=float, default=None, help="measured disk rate for the disk floor")
     p.add_argument("--timeout", type=int, default=900, help="seconds per system (its worker process)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: offload worker only, tiny sizes")
@@ -731,6 +736,8 @@ def main(argv=None, extra=None, save=True):
             row["device_update_share"] = a.device_update_share
         if system == "offload" and a.promote_arena_units is not None:
             row["promote_arena_units"] = a.promote_arena_units
+        if system == "offload" and a.device_tier_at_landing is not None:
+            row["device_tier_at_landing"] = a.device_tier_at_landing
         row["timing"] = a.timing
         for k in ("window_step_s", "setup_s", "plan_bytes", "moved", "moved_steps", "predicted_step_s", "act_plan",
                   "steady_state_growth_per_step", "adam_host_elems", "batch_overrides"):

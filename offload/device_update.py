@@ -58,14 +58,17 @@ def staging_bytes(chunk):
 
 
 class DeviceUpdater:
-    def __init__(self, device, count_moved, chunk=CHUNK):
+    def __init__(self, device, count_moved, chunk=CHUNK, resident_chunk=CHUNK):
         self.device = device
         self.chunk = chunk
+        self.resident_chunk = resident_chunk   # elements of update_resident's scratch
         self.cuda = device.type == "cuda"
         self.count_moved = count_moved   # (direction, bytes) -> None: the tiers' transfer counters
         self.stages = None
         self.k = 0    # chunks staged so far: chunk k goes through stage k % STAGES
         self.step_t = None   # the fused kernel's step count, on the device
+        self.resident_step_t = None   # update_resident's, on the compute stream
+        self.scratch = None  # update_resident's fp32 gradient chunk
         if self.cuda:
             self.load = torch.cuda.Stream(device)
             self.store = torch.cuda.Stream(device)
@@ -75,6 +78,31 @@ class DeviceUpdater:
         if self.stages is None:
             self.stages = [torch.empty(4, self.chunk, dtype=torch.float32, device=self.device) for _ in range(STAGES)]
         return self.stages[k % STAGES]
+
+    def update_resident(self, u, grad, segments, hyper, found_inf=None):
+        """AdamW of a unit whose states live on the device, queued on the current (compute) stream as its
+        gradients land (Note [device-tier update at landing] in engine.py). The fused kernel takes one dtype
+        for all four, so the compute-dtype gradients go through one fp32 scratch chunk by chunk: a unit
+        keeps no fp32 gradient buffer of its own. Not on the load stream: it would queue behind the link's
+        copies of the arena units' states, and it takes ~1 ms of the device for a 113M-element block."""
+        st = u.st
+        lr, betas, eps, wd = hyper
+        if not self.cuda:
+            return self.update(u, grad, segments, hyper)
+        if self.scratch is None:
+            self.scratch = torch.empty(self.resident_chunk, dtype=torch.float32, device=self.device)
+        for off, n, step in segments:
+            # its own step scalar: the load stream's may still be read by a kernel queued there
+            step_t = self.resident_step_t = fill_step(self.resident_step_t, step, self.device)
+            for c0 in range(off, off + n, self.resident_chunk):
+                sl = slice(c0, c0 + min(self.resident_chunk, off + n - c0))
+                g = self.scratch[:sl.stop - c0]
+                g.copy_(grad[sl])
+                torch._fused_adamw_([st.master[sl]], [g], [st.exp_avg[sl]], [st.exp_avg_sq[sl]], [], [step_t],
+                                    lr=lr, beta1=betas[0], beta2=betas[1], weight_decay=wd, eps=eps,
+                                    amsgrad=False, maximize=False, found_inf=found_inf)
+                st.flat[sl].copy_(st.master[sl])
+        return None
 
     def update(self, u, grad, segments, hyper, grad_ready=None, found_inf=None, prof=None):
         """Queues AdamW over u's segments [(offset, numel, step)] with its gradients `grad` (flat, on the

@@ -200,7 +200,16 @@ class Engine:
                               f"{fmt_bytes(need)} there (plus 2% headroom); free disk space or raise cpu_memory")
 
     def _setup(self):
-        self.tiers.allocate(self.grad_accum)
+        # Note [device-tier update at landing]: without clipping, accumulation or several ranks, a unit whose
+        # states live on the device is updated there as its gradients land, the way the device-side AdamW of
+        # arena units is (same conditions: plan.update_staging_bytes), instead of at step() from an fp32
+        # gradient buffer of its own. That buffer is a quarter of the unit's device state (4 of 16 bytes an
+        # element); without it more units' states fit on the device after the first step, and those updates
+        # are ones the host AdamW and the link no longer carry. Eager mode's skip rule is unchanged: a unit
+        # updated before a non-finite gradient appears keeps its update (Note [update modes] in optim.py).
+        self.updates_at_landing = (plan_mod.DEVICE_TIER_AT_LANDING and self.mode == "eager" and self.grad_accum == 1
+                                   and self.comm is None)
+        self.tiers.allocate(self.grad_accum, device_grads=not self.updates_at_landing)
         if self.weights is not None:
             load_units(self.units, self.tiers, self.module, self.weights)
         else:
@@ -221,7 +230,8 @@ class Engine:
         self.optimizer.param_groups[0]["params"] = [s.param for u in self.units for s in u.slots if s.trainable]
         self.unit_opt = UnitOptimizer(self.tiers)
         dev_units = [u.numel_train for u in self.units if u.plan.update_on == "device"]
-        self.device_updater = DeviceUpdater(self.device, self.tiers.count, chunk_elems(max(dev_units, default=1)))
+        self.device_updater = DeviceUpdater(self.device, self.tiers.count, chunk_elems(max(dev_units, default=1)),
+                                            chunk_elems(max((u.numel_train for u in self.units), default=1)))
         self._device_updated = []   # units updated on the device this step, with their skip flags
         self.worker = Worker(on_error=self._unblock_all)
         self.tiers.check = self.worker.raise_error
@@ -231,7 +241,7 @@ class Engine:
         self._promoting = []   # units whose states move onto the device when this step ends
         deferred = [u for u in self.units if u.plan.promote]
         if deferred or self._arena_candidates():   # Note [device states after the first step] in plan.py
-            self.streamer.pending_device_bytes = sum(plan_mod.device_state_bytes(u.shard.train) for u in deferred)
+            self.streamer.pending_device_bytes = sum(self._device_state_bytes(u) for u in deferred)
             self.streamer.on_first_backward = self._plan_promotion
         self.micro = 0
         self.steps_applied = 0
@@ -319,7 +329,7 @@ class Engine:
         prof = self.profiler
         views, grads = [], []
         target = st.dgrad if u.plan.states_home == "gpu" else None
-        if u.plan.update_on == "device":
+        if u.plan.update_on == "device" or u.plan.states_home == "gpu" and target is None:   # updated here
             target = torch.zeros(u.numel_train, dtype=self.dtype, device=self.device)
         elif target is None:
             st.grad_free.wait()        # the optimizer has consumed the previous gradients of this unit
@@ -357,9 +367,9 @@ class Engine:
                     peak = self._unit_peak[target.dtype] = torch.zeros((), dtype=target.dtype, device=self.device)
                 torch.linalg.vector_norm(target, float("inf"), out=peak)
                 torch.maximum(self._grad_peak, peak, out=self._grad_peak)
-        if u.plan.states_home == "gpu":
+        if u.plan.states_home == "gpu" and st.dgrad is not None:   # updated at step()
             return
-        if u.plan.update_on == "device":
+        if u.plan.update_on == "device" or u.plan.states_home == "gpu":
             self._update_on_device(u, target)
             return
         nbytes = u.shard.train * tiers.itemsize
@@ -386,9 +396,11 @@ class Engine:
                            ready=ev.query if ev is not None else None)   # Note [update order] in optim.py
 
     def _update_on_device(self, u, grad):
-        """Queues u's AdamW on the device (eager mode, one micro-batch a window: its gradients are final).
-        A non-finite gradient anywhere so far this step leaves the unit untouched, on the device by the
-        fused kernel's found_inf flag; step() then takes back the step counts."""
+        """Queues u's AdamW on the device (eager mode, one micro-batch a window: its gradients are final):
+        its states streamed through it from the arena, or where they live on the device (Note [device-tier
+        update at landing]) on the compute stream. A non-finite gradient anywhere so far this step leaves
+        the unit untouched, on the device by the fused kernel's found_inf flag; step() then takes back the
+        step counts."""
         st = u.st
         steps_before = list(st.steps)
         segments = self.unit_opt._segments(u)
@@ -401,7 +413,12 @@ class Engine:
         # This step's flag so far, before the event the update waits on. Kept per unit: step() reads each
         # unit's own; the next step's write is ordered after this update, which the unit's forward waits for.
         flag = self._found_inf(flag)
-        if self.tiers.cuda:   # issued as the gradients land: Note [device-side update order] in device_update.py
+        if self.tiers.cuda and u.plan.states_home == "gpu":
+            t0 = prof.begin_work(KIND_OPTIM, u.index) if prof else None
+            upd.update_resident(u, grad, segments, hyper, found_inf=flag)
+            if t0 is not None:
+                prof.end_work(t0, KIND_OPTIM, u.index, u.numel_train * 16)
+        elif self.tiers.cuda:   # issued as the gradients land: Note [device-side update order] in device_update.py
             ready = torch.cuda.Event()
             ready.record()
             upd.load.wait_event(ready)   # here, not in update(): the traced span starts once the gradients are in
@@ -505,7 +522,7 @@ class Engine:
 
         def fits(u):       # the room the first step's peak left, claimed by each unit that moves
             nonlocal room
-            need = plan_mod.device_state_bytes(u.shard.train)
+            need = self._device_state_bytes(u)
             if need > room:
                 return False
             room -= need
@@ -516,7 +533,7 @@ class Engine:
             on_cpu = lambda u: u.plan.update_on == "host"   # noqa: E731
             extra, host = plan_mod.promoted_states(self._arena_candidates(), host, rate, hides_s,
                                                    lambda u: u.shard.train if on_cpu(u) else 0, fits, on_cpu)
-        claimed = sum(plan_mod.device_state_bytes(u.shard.train) for u in self._promoting + extra)
+        claimed = sum(self._device_state_bytes(u) for u in self._promoting + extra)
         chosen = {id(u) for u in self._promoting + extra}
         for u in deferred + extra:   # marked until they move in step(): the activation plan made in between
             u.plan.promote = id(u) in chosen   # prices their state traffic where it is headed
@@ -540,6 +557,10 @@ class Engine:
         self.plan.notes.append("after the first step: " + note)
         self._promoting += extra
         return claimed
+
+    def _device_state_bytes(self, u):
+        """Device bytes u's states take once they move there (Note [device-tier update at landing])."""
+        return plan_mod.device_state_bytes(u.shard.train, grads=not self.updates_at_landing)
 
     def _arena_candidates(self):
         """Units whose states may follow the deferred ones onto the device where the first step's peak left
@@ -571,7 +592,8 @@ class Engine:
             with torch.no_grad():
                 st.master, st.exp_avg, st.exp_avg_sq = (t.to(self.device) for t in (st.master, st.exp_avg,
                                                                                    st.exp_avg_sq))
-                st.dgrad = torch.zeros(u.shard.train, dtype=torch.float32, device=self.device)
+                if not self.updates_at_landing:
+                    st.dgrad = torch.zeros(u.shard.train, dtype=torch.float32, device=self.device)
             if t_copy is not None:
                 prof.end_work(t_copy, KIND_H2D, u.index, nbytes)
             st.grad = st.acc = st.out = None
@@ -649,7 +671,8 @@ class Engine:
             self.worker.submit(lambda: setattr(self, "_poisoned", False))
             return False
         for u in dev:
-            self._update_device(u, hyper, 1.0)
+            if u.st.dgrad is not None:   # else updated as its gradients landed
+                self._update_device(u, hyper, 1.0)
             self._finish_unit(u)
         self.worker.submit(self.unit_opt.next_step)
         self.steps_applied += 1
@@ -673,7 +696,7 @@ class Engine:
         gradients are non-finite (a host sync, on this rare path only)."""
         if flagged:
             return flagged[0].name
-        bad = [u for u in reversed(dev) if not bool(torch.isfinite(u.st.dgrad).all())]
+        bad = [u for u in reversed(dev) if u.st.dgrad is not None and not bool(torch.isfinite(u.st.dgrad).all())]
         return bad[0].name if bad else "?"
 
     def zero_grad(self, set_to_none=True):

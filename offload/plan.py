@@ -185,9 +185,11 @@ def _place_device(units, itemsize, gpu_budget, act_reserve, shards=1, forced=Non
     return params_home, states_home, stream_ws, depth
 
 
-def device_state_bytes(numel_train):
-    """Device bytes of states kept there: fp32 master, m, v and the gradient the device AdamW reads."""
-    return numel_train * (STATE_BYTES + DEVICE_GRAD_BYTES)
+def device_state_bytes(numel_train, grads=True):
+    """Device bytes of states kept there: fp32 master, m, v and (grads) the fp32 gradient the device AdamW
+    reads at step(). Without it where the update runs as the gradients land (Note [device-tier update at
+    landing] in engine.py): the fp32 gradient then goes through one shared chunk."""
+    return numel_train * (STATE_BYTES + (DEVICE_GRAD_BYTES if grads else 0))
 
 
 def _grad_bytes(u, params_home, states_home, itemsize, grad_accum, shards=1):
@@ -392,6 +394,7 @@ def engine_placement(units, *, itemsize, device, gpu_budget, cpu_budget, nvme, g
 
 
 PROMOTE_ARENA_UNITS = True   # Note [device states after the first step]: arena units may follow the deferred
+DEVICE_TIER_AT_LANDING = True   # Note [device-tier update at landing] in engine.py (False: at step(), as before)
 
 
 def defer_device_states(plan, units, cpu_budget, grad_accum, keep=()):

@@ -192,8 +192,11 @@ class Tiers:
             self.moved[direction] += nbytes
 
     # ---- setup ---------------------------------------------------------------------------------------
-    def allocate(self, grad_accum):
+    def allocate(self, grad_accum, device_grads=True):
+        """device_grads: device-tier units keep an fp32 gradient buffer for an update at step() (False: the
+        engine updates them as their gradients land, Note [device-tier update at landing] in engine.py)."""
         self.grad_accum = grad_accum
+        self.device_grads = device_grads
         for u in self.units:
             self._allocate_unit(u)
 
@@ -220,7 +223,8 @@ class Tiers:
             if p.states_home == "gpu":
                 st.master, st.exp_avg, st.exp_avg_sq = (torch.zeros(n, dtype=torch.float32, device=dev)
                                                         for _ in range(3))
-                st.dgrad = torch.zeros(n, dtype=torch.float32, device=dev)
+                if self.device_grads:
+                    st.dgrad = torch.zeros(n, dtype=torch.float32, device=dev)
             else:
                 if p.states_home == "cpu":
                     st.master, st.exp_avg, st.exp_avg_sq = (self._host(n, torch.float32) for _ in range(3))

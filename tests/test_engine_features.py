@@ -566,12 +566,13 @@ def test_optimizer_failure_raises_once_and_training_goes_on(mix, fail_at, tmp_pa
 
 
 def _promotion_case(monkeypatch, room, units=4, numel=1000, host_other=0, auto=False, fwd_s=None, rate=1e9,
-                    arena=(), fixed=()):
+                    arena=(), fixed=(), at_landing=False):
     """Engine._plan_promotion on stand-ins of an engine after its first backward: `units` deferred blocks of
     `numel` trainable elements, `host_other` more elements updated by the CPU AdamW (parameters streamed, so
     never a candidate to follow), `arena` blocks of `numel` with states in the arena and resident parameters,
     each updated where its entry says ("host" or "device"), `fixed` names of units whose states the
-    overrides fix, `room` device bytes left (act_auto.device_room), a CPU AdamW of `rate` elements/s.
+    overrides fix, `room` device bytes left (act_auto.device_room), a CPU AdamW of `rate` elements/s,
+    `at_landing`: the engine updates device-tier units as their gradients land (no fp32 gradient kept).
     Returns (indices promoted, claimed, the note)."""
     import importlib
     from types import SimpleNamespace as NS
@@ -589,8 +590,10 @@ def _promotion_case(monkeypatch, room, units=4, numel=1000, host_other=0, auto=F
     us = [NS(index=i, name=f"u{i}", plan=p, kind="block", trainable=True, shard=NS(train=p.numel_train))
           for i, p in enumerate(plans)]
     fake = NS(units=us, plan=NS(budgets={"gpu": 1 << 40}, units=plans, notes=[]), device=None, _promoting=[],
-              tiers=NS(cuda=True), comm=None, overrides=NS(units={n: (None, "cpu") for n in fixed}))
+              tiers=NS(cuda=True), comm=None, overrides=NS(units={n: (None, "cpu") for n in fixed}),
+              updates_at_landing=at_landing)
     fake._arena_candidates = lambda: engine_mod.Engine._arena_candidates(fake)
+    fake._device_state_bytes = lambda u: engine_mod.Engine._device_state_bytes(fake, u)
     claimed = engine_mod.Engine._plan_promotion(fake, fwd_s)
     # the chosen stay marked until they move in step() (the activation plan prices them on the device)
     assert [p.promote for p in plans] == [u in fake._promoting for u in us]
@@ -606,6 +609,16 @@ def test_promotion_takes_deferred_states_in_order_while_room_lasts(monkeypatch):
     assert got == [0, 1] and claimed == 2 * 16 * 1000 and "states of 2 of 4" in note and "15 B" in note
     got, claimed, note = _promotion_case(monkeypatch, room=-5)
     assert got == [] and claimed == 0 and "0 B of gpu_memory" in note
+
+
+def test_promotion_at_landing_claims_no_fp32_gradient(monkeypatch):
+    """Note [device-tier update at landing]: where the engine updates device-tier units as their gradients
+    land, a promoted unit claims its master/m/v only (12 bytes an element), so more units fit the same room."""
+    room = 2 * 16 * 1000 + 15          # two units with their fp32 gradients, or two of 12 B and 8,015 B over
+    got, claimed, _ = _promotion_case(monkeypatch, room=room, at_landing=True)
+    assert got == [0, 1] and claimed == 2 * 12 * 1000
+    got, claimed, note = _promotion_case(monkeypatch, room=room + 4 * 1000, at_landing=True, arena=("host",))
+    assert got == [0, 1, 2] and claimed == 3 * 12 * 1000 and "states of 3 of 4" in note
 
 
 def test_promotion_with_auto_stops_once_the_cpu_adamw_hides_under_backward(monkeypatch):

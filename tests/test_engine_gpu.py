@@ -287,9 +287,12 @@ def test_close_drains_device_side_adamw_copies(monkeypatch):
 ROOMY_GPU = 1 << 30
 
 
-def test_device_tier_update_issues_no_host_sync(tmp_path):
-    """UnitOptimizer.update_device (states on the device) queues its AdamW without a host sync: a step count
-    made by a blocking copy would stall step() once per unit."""
+@pytest.mark.parametrize("clip", [None, 1.0], ids=["at-landing", "at-step"])
+def test_device_tier_update_issues_no_host_sync(tmp_path, clip):
+    """A device-tier unit's AdamW is queued without a host sync: a step count made by a blocking copy would
+    stall backward (eager: DeviceUpdater.update_resident as its gradients land, Note [device-tier update at
+    landing]) or step() (clipped: UnitOptimizer.update_device) once per unit. Eager keeps no fp32 gradient
+    buffer on the device for the unit; clipped keeps one for the update at step()."""
     import offload
     from conftest import tier_kwargs
     model = make_gpt()
@@ -297,17 +300,43 @@ def test_device_tier_update_issues_no_host_sync(tmp_path):
     # activations="keep": with "auto" the states stay on the host where the CPU AdamW hides under backward
     # (it does on a model this small), and this test needs a unit whose states moved onto the device.
     with offload.engine(copy.deepcopy(model), optimizer=offload.AdamW(**GPU_HP), device="cuda", dtype=BF16,
-                        activations="keep", **kw) as eng:
+                        activations="keep", clip_grad_norm=clip, **kw) as eng:
         train_engine(eng, token_batches(1), device="cuda")
         u = next((u for u in eng.units if u.trainable and u.plan.states_home == "gpu"), None)
         assert u is not None, eng.plan.notes
+        assert (u.st.dgrad is None) == (clip is None)
         u.st.has_grad = [True] * len(u.st.has_grad)
+        grad = torch.randn(u.numel_train, dtype=BF16, device="cuda")
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            eng.unit_opt.update_device(u, eng.optimizer.hyper(), 1.0)
+            if clip is None:
+                eng._update_on_device(u, grad)
+            else:
+                eng.unit_opt.update_device(u, eng.optimizer.hyper(), 1.0)
         finally:
             torch.cuda.set_sync_debug_mode(0)
+        eng._device_updated.clear()
+
+
+def test_nonfinite_gradients_skip_device_tier_updates_at_landing(tmp_path):
+    """Eager mode updates device-tier units as their gradients land (Note [device-tier update at landing]).
+    A step whose loss is inf has non-finite gradients in every unit, so the fused kernel's flag leaves every
+    update undone, step() takes the step counts back, and training follows a reference that skipped it."""
+    model, batches = make_gpt(), token_batches(4)
+    ref = run_reference(model, batches, hp=GPU_HP, device="cuda", autocast_dtype=BF16, skip=(2,))
+    import offload
+    from conftest import tier_kwargs
+    # activations="keep" and room: the states move onto the device after step 0 (see the test above)
+    kw = dict(tier_kwargs(model, "device", tmp_path), gpu_memory=ROOMY_GPU)
+    with offload.engine(copy.deepcopy(model), optimizer=offload.AdamW(**GPU_HP), device="cuda", dtype=BF16,
+                        activations="keep", **kw) as eng:
+        with pytest.warns(RuntimeWarning, match="non-finite gradient"):
+            got = train_engine(eng, batches, poison=(2,), device="cuda")
+        on_device = [u for u in eng.units if u.trainable and u.plan.states_home == "gpu"]
+        assert on_device and all(u.st.dgrad is None for u in on_device), eng.plan.notes
+    assert got.stepped == ref.stepped == [True, True, False, True]
+    assert_bf16_close(got, ref, model)
 
 
 # ------------------------------------------------------------ device states after the first step
