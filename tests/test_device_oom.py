@@ -57,10 +57,10 @@ def test_gpu_oom_under_cap_names_the_budget(tmp_path, phase):
 
 
 def test_gpu_oom_in_step_names_the_budget(tmp_path):
-    """The device-side AdamW (states on the compute device) runs out of memory inside step(): the same
-    DeviceMemoryError, located in step."""
+    """The device-tier AdamW (states on the compute device) runs out of memory inside step() (clipping: it
+    runs there, once the global norm is known): the same DeviceMemoryError, located in step."""
     model, batches = make_mlp(), mlp_batches(1)
-    with make_engine(copy.deepcopy(model), mix="device", tmp_path=tmp_path) as eng:
+    with make_engine(copy.deepcopy(model), mix="device", tmp_path=tmp_path, clip_grad_norm=1.0) as eng:
         assert any(u.plan.states_home == "gpu" for u in eng.units)
 
         def update_device(u, hyper, scale):
@@ -71,6 +71,23 @@ def test_gpu_oom_in_step_names_the_budget(tmp_path):
         with pytest.raises(offload.DeviceMemoryError) as ei:
             eng.step()
         _assert_names_the_budget(ei.value, eng, "step")
+
+
+def test_gpu_oom_in_update_at_landing_names_the_budget(tmp_path):
+    """Without clipping the device-tier AdamW runs as each unit's gradients land (Note [device-tier update
+    at landing] in engine.py): out of memory there is the same DeviceMemoryError, located in backward."""
+    model, batches = make_mlp(), mlp_batches(1)
+    with make_engine(copy.deepcopy(model), mix="device", tmp_path=tmp_path) as eng:
+        assert any(u.plan.states_home == "gpu" for u in eng.units)
+
+        def update(*args, **kwargs):
+            raise torch.OutOfMemoryError(CUDA_OOM)
+
+        eng.device_updater.update = eng.device_updater.update_resident = update
+        with pytest.raises(offload.DeviceMemoryError) as ei:
+            eng.backward(eng(**batches[0]).loss)
+        first = [u for u in eng.units if u.trainable][-1]   # backward's first gradients are the last unit's
+        _assert_names_the_budget(ei.value, eng, f"backward at unit {first.name}")
 
 
 @pytest.mark.gpu

@@ -365,7 +365,8 @@ def test_device_states_move_after_the_first_step_as_far_as_room_allows(tmp_path,
         assert not any(u.plan.promote for u in eng.units)
         on_device = [u for u in held if u.plan.states_home == "gpu"]
         assert len(on_device) == (len(held) if moved == "all" else 0), eng.plan.notes
-        assert all(u.st.master.device.type == "cuda" and u.st.dgrad is not None for u in on_device)
+        # no fp32 gradient buffer: updated as the gradients land (Note [device-tier update at landing])
+        assert all(u.st.master.device.type == "cuda" and u.st.dgrad is None for u in on_device)
         assert all(u.st.master.device.type == "cpu" for u in held if u not in on_device)
         assert eng.plan.bytes["gpu"] == gpu_before + sum(u.shard.train * 12 for u in on_device)
         assert any(n.startswith("after the first step") for n in eng.plan.notes), eng.plan.notes
@@ -379,7 +380,7 @@ def test_arena_states_follow_onto_the_device_where_room_is_left(monkeypatch, sha
     under), arena units whose parameters are resident follow onto the device, first used first,
     whether the CPU AdamW or the device-side AdamW updated them; a unit whose states the overrides fix to
     the host stays there. Training equals the reference."""
-    from offload import act_auto, plan as plan_mod
+    from offload import act_auto
     model, batches = make_gpt(), token_batches(STEPS)
     ref = run_reference(model, batches, hp=GPU_HP, device="cuda", autocast_dtype=BF16)
     room = {}
@@ -392,7 +393,7 @@ def test_arena_states_follow_onto_the_device_where_room_is_left(monkeypatch, sha
         assert len(cands) >= 3 and fixed not in [u.name for u in cands], [u.name for u in cands]
         assert [u.index for u in cands] == sorted(u.index for u in cands)
         was = {u.name: u.plan.update_on for u in cands}
-        room["bytes"] = sum(plan_mod.device_state_bytes(u.shard.train) for u in cands[:2])
+        room["bytes"] = sum(eng._device_state_bytes(u) for u in cands[:2])
         got = train_engine(eng, batches, device="cuda")
         moved = [u for u in eng.units if u.plan.states_home == "gpu"]
         assert moved == cands[:2], (eng.plan.notes, [u.name for u in moved])
