@@ -526,9 +526,9 @@ def assign_update_sites(plan, rates, *, gpu_room, share=None):
     total = sum(p.numel_train for p in cand)
     if share is None:
         # Per element: CPU seconds 1/cpu_rate; device-side, 12 B each way over one direction's rate minus the
-        # 2 B gradient out and 2 B params in it no longer moves. Balance the CPU against PCIe, which also
-        # carries everything else it carries now.
-        t_cpu = 1 / (r["cpu_adam_gparams_s"] * 1e9)
+        # 2 B gradient out and 2 B params in it no longer moves. PCIe also carries everything else it carries
+        # now (base). The link's time is balanced against LINK_WINDOW of the CPU's (Note [device-side AdamW]).
+        t_cpu = LINK_WINDOW / (r["cpu_adam_gparams_s"] * 1e9)
         one_way = min(r.get("pcie_h2d_gb_s") or r["pcie_gb_s"], r.get("pcie_d2h_gb_s") or r["pcie_gb_s"]) * 1e9
         t_dev = (STATE_BYTES - plan.itemsize) / one_way
         base = state_traffic_bytes(plan.units, plan.units, plan.itemsize)["pcie"] / 2 / one_way
@@ -558,8 +558,15 @@ def assign_update_sites(plan, rates, *, gpu_room, share=None):
 # Arena states can be updated by the CPU AdamW (the gradients go out, the updated compute-dtype params come
 # back) or streamed through the compute device and updated there (12 B of master/m/v each way per element).
 # The CPU is bound by host memory bandwidth and PCIe idles while params are resident, so the planner gives
-# each the share that balances them (device_update.py); both then hide under compute far better than the
-# CPU alone.
+# each a share (device_update.py); both then hide under compute far better than the CPU alone. Not equal
+# times: the link's updates run in the order their gradients land and the next forward waits for its whole
+# queue (Note [device-side update order]), so they have backward to run in, while the CPU AdamW, lowest unit
+# first, runs on under the next forward (Note [update order] in optim.py). With recompute backward is 3 of
+# the 4 forward passes' compute, so the link gets LINK_WINDOW = 3/4 of the CPU's time. Measured on the H200
+# reference step (2026-12-02, 521370e, one machine, medians of 5 steps; shares of the arena elements): 0.30
+# 0.554 s, 0.33 0.562 s, 0.36 0.578 s, 0.42 0.619 s; and 0.46, which equal times gave on another machine,
+# 0.603 s against 0.556 s at 0.366 there. 3/4 gives ~0.29 at that run's rates.
+LINK_WINDOW = 0.75
 
 
 # Note [step-time model]
