@@ -233,6 +233,7 @@ class Engine:
         self.device_updater = DeviceUpdater(self.device, self.tiers.count, chunk_elems(max(dev_units, default=1)),
                                             chunk_elems(max((u.numel_train for u in self.units), default=1)))
         self._device_updated = []   # units updated on the device this step, with their skip flags
+        self._landing_buf = None    # _landing_grads' buffer on a CPU device
         self.worker = Worker(on_error=self._unblock_all)
         self.tiers.check = self.worker.raise_error
         self.streamer = Streamer(self.units, self.tiers, self.plan, self._on_unit_grads, self.profiler)
@@ -330,7 +331,7 @@ class Engine:
         views, grads = [], []
         target = st.dgrad if u.plan.states_home == "gpu" else None
         if u.plan.update_on == "device" or u.plan.states_home == "gpu" and target is None:   # updated here
-            target = torch.zeros(u.numel_train, dtype=self.dtype, device=self.device)
+            target = self._landing_grads(u)
         elif target is None:
             st.grad_free.wait()        # the optimizer has consumed the previous gradients of this unit
             st.grad_free.clear()
@@ -394,6 +395,16 @@ class Engine:
         hyper = self.optimizer.hyper()
         self.worker.submit(lambda: self._land(u, ev, first, final, hyper), priority=u.index,
                            ready=ev.query if ev is not None else None)   # Note [update order] in optim.py
+
+    def _landing_grads(self, u):
+        """Zeroed compute-dtype gradients of u for its AdamW on the device as they land. On CUDA from the
+        caching allocator (the queued update holds them until it has read them); on a CPU device one buffer
+        kept for every unit, since the update there runs before the next unit's gradients land."""
+        if self.tiers.cuda:
+            return torch.zeros(u.numel_train, dtype=self.dtype, device=self.device)
+        if self._landing_buf is None:
+            self._landing_buf = torch.empty(max(v.numel_train for v in self.units), dtype=self.dtype)
+        return self._landing_buf[:u.numel_train].zero_()
 
     def _update_on_device(self, u, grad):
         """Queues u's AdamW on the device (eager mode, one micro-batch a window: its gradients are final):
