@@ -50,6 +50,18 @@ def run_data_parallel_reference(model, batches, world, *, grad_accum=1, clip=Non
     """Plain PyTorch in one process with the data-parallel arithmetic (see the module docstring); ``world``: the
     rank count, or one per micro-batch (a run resumed on another number of ranks). Micro-batches in ``skip``
     are forwarded (their loss recorded) and contribute nothing, as a skipped non-finite step."""
+    threads = torch.get_num_threads()
+    # One thread, as each rank runs (OMP_NUM_THREADS=1 in _env): a CPU matmul split over two threads differs
+    # from one thread's in the last bits (measured on an AVX-512 EPYC), which AdamW turns into a 1e-5 step on
+    # a weight whose gradient cancels (see the module docstring).
+    torch.set_num_threads(1)
+    try:
+        return _data_parallel_reference(model, batches, world, grad_accum, clip, skip, hp)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _data_parallel_reference(model, batches, world, grad_accum, clip, skip, hp):
     worlds = list(world) if isinstance(world, (list, tuple)) else [world] * len(batches)
     model = copy.deepcopy(model)
     params = [p for p in model.parameters() if p.requires_grad]
