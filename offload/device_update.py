@@ -84,11 +84,10 @@ class DeviceUpdater:
         gradients land (Note [device-tier update at landing] in engine.py). The fused kernel takes one dtype
         for all four, so the compute-dtype gradients go through one fp32 scratch chunk by chunk: a unit
         keeps no fp32 gradient buffer of its own. Not on the load stream: it would queue behind the link's
-        copies of the arena units' states, and it takes ~1 ms of the device for a 113M-element block."""
+        copies of the arena units' states, and it takes ~1 ms of the device for a 113M-element block. CUDA
+        only: on a CPU device update() serves both (it runs synchronously there)."""
         st = u.st
         lr, betas, eps, wd = hyper
-        if not self.cuda:
-            return self.update(u, grad, segments, hyper)
         if self.scratch is None:
             self.scratch = torch.empty(self.resident_chunk, dtype=torch.float32, device=self.device)
         for off, n, step in segments:

@@ -565,7 +565,8 @@ def assign_update_sites(plan, rates, *, gpu_room, share=None):
 # the 4 forward passes' compute, so the link gets LINK_WINDOW = 3/4 of the CPU's time. Measured on the H200
 # reference step (2026-12-02, 521370e, one machine, medians of 5 steps; shares of the arena elements): 0.30
 # 0.554 s, 0.33 0.562 s, 0.36 0.578 s, 0.42 0.619 s; and 0.46, which equal times gave on another machine,
-# 0.603 s against 0.556 s at 0.366 there. 3/4 gives ~0.29 at that run's rates.
+# 0.603 s against 0.556 s at 0.366 there. With 3/4 the planner gave 0.348 in run 737871c29356 (0f5bd9d):
+# 0.551 s.
 LINK_WINDOW = 0.75
 
 
