@@ -47,6 +47,15 @@ def fill_step(scalar, step, device):
     return scalar.fill_(float(step))
 
 
+def fused_adamw(master, grad, exp_avg, exp_avg_sq, step_t, hyper, found_inf=None):
+    """torch's fused AdamW over one fp32 slice in place (all four one dtype), step count `step_t` on the
+    device (fill_step); found_inf: a device flag that, set, leaves everything unchanged."""
+    lr, betas, eps, wd = hyper
+    torch._fused_adamw_([master], [grad], [exp_avg], [exp_avg_sq], [], [step_t], lr=lr, beta1=betas[0],
+                        beta2=betas[1], weight_decay=wd, eps=eps, amsgrad=False, maximize=False,
+                        found_inf=found_inf)
+
+
 def chunk_elems(largest_unit):
     """Elements per staged chunk for units of up to largest_unit trainable elements."""
     return max(1, min(CHUNK, largest_unit))
@@ -87,7 +96,6 @@ class DeviceUpdater:
         copies of the arena units' states, and it takes ~1 ms of the device for a 113M-element block. CUDA
         only: on a CPU device update() serves both (it runs synchronously there)."""
         st = u.st
-        lr, betas, eps, wd = hyper
         if self.scratch is None:
             self.scratch = torch.empty(self.resident_chunk, dtype=torch.float32, device=self.device)
         for off, n, step in segments:
@@ -97,9 +105,7 @@ class DeviceUpdater:
                 sl = slice(c0, c0 + min(self.resident_chunk, off + n - c0))
                 g = self.scratch[:sl.stop - c0]
                 g.copy_(grad[sl])
-                torch._fused_adamw_([st.master[sl]], [g], [st.exp_avg[sl]], [st.exp_avg_sq[sl]], [], [step_t],
-                                    lr=lr, beta1=betas[0], beta2=betas[1], weight_decay=wd, eps=eps,
-                                    amsgrad=False, maximize=False, found_inf=found_inf)
+                fused_adamw(st.master[sl], g, st.exp_avg[sl], st.exp_avg_sq[sl], step_t, hyper, found_inf)
                 st.flat[sl].copy_(st.master[sl])
         return None
 
@@ -141,9 +147,7 @@ class DeviceUpdater:
                         prof.end_work(t_in, KIND_H2D, u.index, 12 * c, load)
                     master, m, v, g = buf[0, :c], buf[1, :c], buf[2, :c], buf[3, :c]
                     g.copy_(grad[c0:c0 + c])   # the fused kernel takes one dtype for all four
-                    torch._fused_adamw_([master], [g], [m], [v], [], [step_t], lr=lr, beta1=betas[0],
-                                        beta2=betas[1], weight_decay=wd, eps=eps, amsgrad=False,
-                                        maximize=False, found_inf=found_inf)
+                    fused_adamw(master, g, m, v, step_t, hyper, found_inf)
                     st.flat[c0:c0 + c].copy_(master)
                     computed = torch.cuda.Event()
                     computed.record(load)

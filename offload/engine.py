@@ -330,7 +330,9 @@ class Engine:
         prof = self.profiler
         views, grads = [], []
         target = st.dgrad if u.plan.states_home == "gpu" else None
-        if u.plan.update_on == "device" or u.plan.states_home == "gpu" and target is None:   # updated here
+        # updated here, as they land: device-side AdamW, or device-tier states without an fp32 gradient buffer
+        at_landing = u.plan.update_on == "device" or u.plan.states_home == "gpu" and target is None
+        if at_landing:
             target = self._landing_grads(u)
         elif target is None:
             st.grad_free.wait()        # the optimizer has consumed the previous gradients of this unit
@@ -368,10 +370,10 @@ class Engine:
                     peak = self._unit_peak[target.dtype] = torch.zeros((), dtype=target.dtype, device=self.device)
                 torch.linalg.vector_norm(target, float("inf"), out=peak)
                 torch.maximum(self._grad_peak, peak, out=self._grad_peak)
-        if u.plan.states_home == "gpu" and st.dgrad is not None:   # updated at step()
-            return
-        if u.plan.update_on == "device" or u.plan.states_home == "gpu":
+        if at_landing:
             self._update_on_device(u, target)
+            return
+        if u.plan.states_home == "gpu":   # updated at step() from its fp32 gradients
             return
         nbytes = u.shard.train * tiers.itemsize
         tiers.count("d2h", nbytes)

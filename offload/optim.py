@@ -29,7 +29,7 @@ import warnings
 import torch
 
 from .adam import host_scalar, unit_adamw_
-from .device_update import fill_step
+from .device_update import fill_step, fused_adamw
 from .errors import ConfigError
 from .store import as_buffer
 from .tiers import KIND_H2D
@@ -299,9 +299,7 @@ class UnitOptimizer:
                        weight_decay=wd, step=step, out=None)
             else:
                 step_t = self.step_t = fill_step(self.step_t, step, g.device)   # calls come on one stream
-                torch._fused_adamw_([st.master[sl]], [g[sl]], [st.exp_avg[sl]], [st.exp_avg_sq[sl]], [],
-                                    [step_t], lr=lr, beta1=betas[0], beta2=betas[1], weight_decay=wd, eps=eps,
-                                    amsgrad=False, maximize=False)
+                fused_adamw(st.master[sl], g[sl], st.exp_avg[sl], st.exp_avg_sq[sl], step_t, hyper)
         u.shard.put_train(st.flat, st.master)
         st.stale = self.tiers.comm is not None
 
