@@ -42,6 +42,13 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 
+# Planner switches the offload worker can set (flag, offload.plan constant, its type): the CPU/device AdamW
+# split (a sweep), Note [device states after the first step], Note [device-tier update at landing].
+PLAN_SWITCHES = (("device_update_share", "DEVICE_UPDATE_SHARE", float),
+                 ("promote_arena_units", "PROMOTE_ARENA_UNITS", bool),
+                 ("device_tier_at_landing", "DEVICE_TIER_AT_LANDING", bool))
+
+
 def model_config(a):
     from transformers import LlamaConfig
     return LlamaConfig(hidden_size=a.hidden, intermediate_size=a.inter, num_hidden_layers=a.layers,
@@ -187,15 +194,10 @@ def run_offload(a):
     cap_gpu(a)
     from offload.shard import init_from_env
     init_from_env(a.device)      # under torchrun: the process group the engine shards over (gloo / NCCL)
-    if a.device_update_share is not None:   # a sweep of the planner's CPU/device AdamW split
-        from offload import plan as plan_mod
-        plan_mod.DEVICE_UPDATE_SHARE = a.device_update_share
-    if a.promote_arena_units is not None:   # Note [device states after the first step] in offload/plan.py
-        from offload import plan as plan_mod
-        plan_mod.PROMOTE_ARENA_UNITS = bool(a.promote_arena_units)
-    if a.device_tier_at_landing is not None:   # Note [device-tier update at landing] in offload/engine.py
-        from offload import plan as plan_mod
-        plan_mod.DEVICE_TIER_AT_LANDING = bool(a.device_tier_at_landing)
+    from offload import plan as plan_mod
+    for flag, constant, kind in PLAN_SWITCHES:
+        if getattr(a, flag) is not None:
+            setattr(plan_mod, constant, kind(getattr(a, flag)))
     weights = None
     if a.weights == "random":
         from transformers import LlamaForCausalLM
@@ -732,12 +734,8 @@ def main(argv=None, extra=None, save=True):
             row.update(ranks=a.ranks, tokens_per_s_per_gpu=round(tokens / a.ranks / step_s, 1))
         if a.grad_accum > 1:
             row["grad_accum"] = a.grad_accum
-        if system == "offload" and a.device_update_share is not None:
-            row["device_update_share"] = a.device_update_share
-        if system == "offload" and a.promote_arena_units is not None:
-            row["promote_arena_units"] = a.promote_arena_units
-        if system == "offload" and a.device_tier_at_landing is not None:
-            row["device_tier_at_landing"] = a.device_tier_at_landing
+        if system == "offload":   # the planner switches the run set, as given
+            row.update({flag: getattr(a, flag) for flag, _, _ in PLAN_SWITCHES if getattr(a, flag) is not None})
         row["timing"] = a.timing
         for k in ("window_step_s", "setup_s", "plan_bytes", "moved", "moved_steps", "predicted_step_s", "act_plan",
                   "steady_state_growth_per_step", "adam_host_elems", "batch_overrides"):
